@@ -1,0 +1,1 @@
+"""otter.eval: few-shot benchmark datasets, official metrics, demo selection and the evaluator."""

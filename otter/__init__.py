@@ -1,0 +1,29 @@
+"""Otter: Flamingo-style multimodal in-context learning on transformers. Importing it registers the Auto classes."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .configuration_otter import OtterConfig
+from .factory import from_parts
+from .modeling_otter import OtterForConditionalGeneration, OtterModel, OtterPreTrainedModel
+from .processing_otter import OtterProcessor
+
+AutoConfig.register("otter", OtterConfig)
+AutoModel.register(OtterConfig, OtterModel)
+AutoModelForCausalLM.register(OtterConfig, OtterForConditionalGeneration)
+AutoModelForImageTextToText.register(OtterConfig, OtterForConditionalGeneration)
+AutoProcessor.register(OtterConfig, OtterProcessor)
+
+__all__ = [
+    "OtterConfig",
+    "OtterModel",
+    "OtterForConditionalGeneration",
+    "OtterPreTrainedModel",
+    "OtterProcessor",
+    "from_parts",
+]

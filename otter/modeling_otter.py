@@ -1,0 +1,337 @@
+"""Otter / OpenFlamingo as native transformers models: CLIP vision tower + Perceiver + a causal LM with gated
+cross-attention before its decoder layers."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .configuration_otter import OtterConfig
+from .cross_attention import GatedCrossAttentionBlock, OtterDecoderLayer, media_attention_mask
+from .language_models import decoder_layers_path, get_decoder_layers, set_decoder_layers
+from .perceiver import PerceiverResampler
+
+
+@dataclass
+class OtterModelOutputWithPast(ModelOutput):
+    """
+    last_hidden_state: `(batch, text_len, hidden)`, the language model's final hidden states.
+    image_hidden_states: `(batch, media, num_latents, dim_visual)`, the perceiver's output, when images were given.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class OtterCausalLMOutputWithPast(ModelOutput):
+    """
+    loss: next-token cross-entropy over `labels` (positions labelled -100 are ignored), when labels were given.
+    logits: `(batch, text_len, vocab)`.
+    image_hidden_states: `(batch, media, num_latents, dim_visual)`, the perceiver's output, when images were given.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class OtterPreTrainedModel(PreTrainedModel):
+    config: OtterConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OtterDecoderLayer", "PerceiverResampler", "CLIPEncoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PerceiverResampler):
+            init.normal_(module.latents, mean=0.0, std=1.0)
+            if module.frame_embs is not None:
+                init.normal_(module.frame_embs, mean=0.0, std=1.0)
+        elif isinstance(module, GatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+
+
+class OtterModel(OtterPreTrainedModel):
+    """
+    The Otter model without a language-modelling loss or generation: returns the language model's last hidden states.
+
+    Built from `config`, or around an existing `vision_model` (`CLIPVisionModel`) and `language_model` (a causal LM,
+    whose decoder layers get wrapped in place) as `otter.from_parts` does.
+    """
+
+    def __init__(self, config: OtterConfig, vision_model: CLIPVisionModel | None = None,
+                 language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else CLIPVisionModel._from_config(config.vision_config)
+        dim_visual = config.vision_config.hidden_size
+        self.perceiver = PerceiverResampler(
+            dim=dim_visual,
+            depth=config.perceiver_depth,
+            heads=config.perceiver_heads,
+            dim_head=config.perceiver_dim_head,
+            num_latents=config.perceiver_num_latents,
+            ff_mult=config.perceiver_ff_mult,
+            max_num_frames=config.max_num_frames,
+        )
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._decoder_layers_path = decoder_layers_path(config.text_config.model_type, config.decoder_layers_attr)
+        layers = get_decoder_layers(language_model, self._decoder_layers_path)
+        every_n = config.cross_attn_every_n_layers
+        if every_n > len(layers):
+            raise ValueError(
+                f"cross_attn_every_n_layers={every_n} exceeds the language model's {len(layers)} decoder layers"
+            )
+        dim = config.text_config.hidden_size
+        wrapped = nn.ModuleList(
+            OtterDecoderLayer(
+                layer,
+                GatedCrossAttentionBlock(dim, dim_visual, config.cross_attn_heads, config.cross_attn_dim_head,
+                                         config.cross_attn_ff_mult)
+                if (index + 1) % every_n == 0 else None,
+            )
+            for index, layer in enumerate(layers)
+        )
+        set_decoder_layers(language_model, self._decoder_layers_path, wrapped)
+        self.language_model = language_model
+        # one source of truth: the sub-configs are the parts' own (attention implementation, resized vocab, ...)
+        config.vision_config = self.vision_model.config
+        config.text_config = language_model.config
+        self.post_init()
+
+    # -- embeddings are the language model's ------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    # -- training decisions -----------------------------------------------------------------------------------
+    def freeze_backbones(self, train_embeddings: bool = False) -> None:
+        """
+        Freeze everything but the perceiver and the gated cross-attention blocks (OpenFlamingo's recipe).
+        `train_embeddings=True` also trains the language model's input embeddings (and its output embeddings when
+        they are not tied to them). Nothing else in this library changes `requires_grad`.
+        """
+        self.requires_grad_(False)
+        self.perceiver.requires_grad_(True)
+        for block in self.cross_attention_blocks():
+            block.requires_grad_(True)
+        if train_embeddings:
+            self.get_input_embeddings().requires_grad_(True)
+            output = self.get_output_embeddings()
+            if output is not None:
+                output.requires_grad_(True)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's decoder layers, each an `OtterDecoderLayer`."""
+        return get_decoder_layers(self.language_model, self._decoder_layers_path)
+
+    def cross_attention_blocks(self) -> list[GatedCrossAttentionBlock]:
+        return [layer.gated_cross_attn_layer for layer in self.decoder_layers() if layer.gated_cross_attn_layer is not None]
+
+    # -- media ------------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        `pixel_values` `(batch, media, frames, C, H, W)`, or `(batch, media, C, H, W)` for single frames ->
+        perceiver latents `(batch, media, num_latents, dim_visual)`.
+        """
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(2)
+        if pixel_values.ndim != 6:
+            raise ValueError(
+                "pixel_values must be (batch, media, frames, channels, height, width) or (batch, media, channels, "
+                f"height, width); got a tensor of shape {tuple(pixel_values.shape)}"
+            )
+        batch, media, frames = pixel_values.shape[:3]
+        max_frames = self.config.max_num_frames
+        if frames > 1 and max_frames is None:
+            raise ValueError(
+                f"pixel_values holds {frames} frames per media item, but this model has no frame embeddings; "
+                "build it with OtterConfig(max_num_frames=...) to take video frames"
+            )
+        if max_frames is not None and frames > max_frames:
+            raise ValueError(f"pixel_values holds {frames} frames per media item; this model takes at most {max_frames}")
+        images = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
+        tokens = self.vision_model(pixel_values=images).last_hidden_state[:, 1:]  # drop CLS
+        if self.config.vision_feature_post_layernorm:
+            tokens = self.vision_model.post_layernorm(tokens)
+        tokens = tokens.reshape(batch, media, frames, *tokens.shape[1:])
+        return self.perceiver(tokens)
+
+    def get_media_key_values(self, image_features: torch.Tensor) -> torch.Tensor:
+        """
+        The keys and values every cross-attention block computes from the image latents, stacked:
+        `(batch, num_cross_attention_blocks, media * num_latents, 2 * heads * dim_head)`. `generate()` computes them
+        once per call.
+        """
+        return torch.stack([block.attn.media_key_values(image_features) for block in self.cross_attention_blocks()], 1)
+
+    def media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """1-based index of the latest `<image>` at or before each token, 0 before the first: `(batch, text_len)`."""
+        return (input_ids == self.config.media_token_id).cumsum(dim=-1)
+
+    @contextmanager
+    def _conditioned_on(self, input_ids, media_key_values, media_index, past_key_values):
+        """Hand every cross-attention layer its media, keys/values and mask for one forward call."""
+        layers = [layer for layer in self.decoder_layers() if layer.gated_cross_attn_layer is not None]
+        if media_key_values is not None:
+            if input_ids is None:
+                raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
+            if media_key_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"the images are for a batch of {media_key_values.shape[0]} but input_ids has {input_ids.shape[0]} rows"
+                )
+            if media_index is None:
+                if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                    raise ValueError(
+                        "with past_key_values, pass media_index for the new tokens: model.media_index(full_input_ids)"
+                        "[:, -new_tokens:] (generate() does this for you)"
+                    )
+                media_index = self.media_index(input_ids)
+            num_media = media_key_values.shape[2] // self.config.perceiver_num_latents
+            too_many = (media_index.amax(dim=-1) > num_media).nonzero().flatten().tolist()
+            if too_many:
+                raise ValueError(
+                    f"sample(s) {too_many} hold more <image> tokens than the {num_media} media items given per sample"
+                )
+            attn_mask, has_media = media_attention_mask(
+                media_index, num_media, self.config.perceiver_num_latents, self.config.only_attend_immediate_media
+            )
+            has_media = has_media.to(media_key_values.dtype)
+            for position, layer in enumerate(layers):
+                layer.media = (media_key_values[:, position], attn_mask, has_media)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.media = None
+
+    def _media_key_values_for(self, pixel_values, media_key_values):
+        if pixel_values is None:
+            return None, media_key_values
+        if media_key_values is not None:
+            raise ValueError("pass either pixel_values or media_key_values, not both")
+        image_features = self.get_image_features(pixel_values)
+        return image_features, self.get_media_key_values(image_features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        media_key_values: torch.Tensor | None = None,
+        media_index: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> OtterModelOutputWithPast:
+        r"""
+        input_ids `(batch, text_len)` with `<image>` tokens where images go; pixel_values
+        `(batch, media, frames, C, H, W)` (or 5-D for single frames), media padded with anything for samples with
+        fewer images (padded media are never attended). `media_key_values` (from `get_media_key_values`) replaces
+        pixel_values when the images were encoded already; `media_index` (from `media_index()` on the full sequence)
+        is needed when decoding new tokens against `past_key_values`.
+        """
+        image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
+        with self._conditioned_on(input_ids, media_key_values, media_index, past_key_values):
+            outputs = self.language_model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                use_cache=use_cache, **kwargs,
+            )
+        return OtterModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class OtterForConditionalGeneration(OtterModel, GenerationMixin):
+    """Otter with the language-modelling head: loss, logits and `generate()` conditioned on interleaved images."""
+
+    def __init__(self, config: OtterConfig, vision_model: CLIPVisionModel | None = None,
+                 language_model: PreTrainedModel | None = None):
+        super().__init__(config, vision_model=vision_model, language_model=language_model)
+        # generation stops at <|endofchunk|> and pads with the pad token unless told otherwise
+        if config.eoc_token_id is not None:
+            self.generation_config.eos_token_id = config.eoc_token_id
+        if config.pad_token_id is not None:
+            self.generation_config.pad_token_id = config.pad_token_id
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        media_key_values: torch.Tensor | None = None,
+        media_index: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> OtterCausalLMOutputWithPast:
+        r"""
+        As `OtterModel.forward`, plus `labels` `(batch, text_len)`: the loss is the language model's shifted
+        cross-entropy, ignoring -100.
+        """
+        image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
+        with self._conditioned_on(input_ids, media_key_values, media_index, past_key_values):
+            outputs = self.language_model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values,
+                use_cache=use_cache, **kwargs,
+            )
+        return OtterCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+        """
+        `generate()` on interleaved images and text. The images are encoded once, and each cross-attention block's
+        media keys/values computed once, before decoding starts; decoding stops at `<|endofchunk|>` by default.
+        """
+        if pixel_values is not None:
+            _, kwargs["media_key_values"] = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"))
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, media_key_values=None, media_index=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if media_key_values is not None:
+            new_tokens = model_inputs["input_ids"].shape[1]
+            model_inputs["media_key_values"] = media_key_values
+            model_inputs["media_index"] = self.media_index(input_ids)[:, -new_tokens:]
+        return model_inputs
+
+
+__all__ = ["OtterPreTrainedModel", "OtterModel", "OtterForConditionalGeneration"]
