@@ -1,0 +1,74 @@
+"""
+The reference implementation, open-flamingo 2.0.1, as a test oracle (never imported by the library).
+
+`reference_twin(model)` builds an OpenFlamingo `Flamingo` around deep copies of an Otter model's own parts and
+copies every perceiver and cross-attention weight over by name, so both compute from identical weights.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+flamingo_module = pytest.importorskip("open_flamingo.src.flamingo", reason="pip install --no-deps open-flamingo==2.0.1 einops-exts")
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
+from open_flamingo.src.utils import extend_instance  # noqa: E402
+
+
+class ClipTokens(nn.Module):
+    """Stands in for open_clip's `visual` with `output_tokens=True`: returns (pooled, patch tokens)."""
+
+    def __init__(self, clip_vision_model):
+        super().__init__()
+        self.clip = clip_vision_model
+
+    def forward(self, pixel_values):
+        hidden = self.clip(pixel_values=pixel_values).last_hidden_state
+        return hidden[:, 0], hidden[:, 1:]
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, clip_vision_model):
+        super().__init__()
+        self.visual = ClipTokens(clip_vision_model)
+
+
+class FlamingoLMForTransformers5(FlamingoLMMixin):
+    """transformers 5's generate() passes attention_mask by keyword or not at all (REFERENCE.md)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids, attention_mask, **kwargs)
+
+
+def unwrapped_language_model(model):
+    """A deep copy of the Otter model's LM with its original decoder layers back in place."""
+    language_model = copy.deepcopy(model.language_model)
+    layers = language_model
+    *parents, name = model._decoder_layers_path.split(".")
+    for part in parents:
+        layers = getattr(layers, part)
+    setattr(layers, name, nn.ModuleList(layer.decoder_layer for layer in getattr(layers, name)))
+    return language_model
+
+
+def reference_twin(model):
+    config = model.config
+    language_model = unwrapped_language_model(model)
+    extend_instance(language_model, FlamingoLMForTransformers5)
+    language_model.set_decoder_layers_attr_name(model._decoder_layers_path)
+    reference = flamingo_module.Flamingo(
+        VisionEncoder(copy.deepcopy(model.vision_model)),
+        language_model,
+        eoc_token_id=config.eoc_token_id,
+        media_token_id=config.media_token_id,
+        vis_dim=config.vision_config.hidden_size,
+        cross_attn_every_n_layers=config.cross_attn_every_n_layers,
+    )
+    reference.perceiver.load_state_dict(model.perceiver.state_dict())
+    ours = [layer.gated_cross_attn_layer for layer in model.decoder_layers()]
+    for mine, theirs in zip(ours, reference.lang_encoder.gated_cross_attn_layers, strict=True):
+        assert (mine is None) == (theirs is None), "cross-attention placement differs from OpenFlamingo's"
+        if mine is not None:
+            theirs.load_state_dict(mine.state_dict())
+    return reference.eval()

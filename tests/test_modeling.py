@@ -1,0 +1,350 @@
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+import otter
+from transformers.integrations.accelerate import infer_auto_device_map
+
+from otter import OtterConfig, OtterForConditionalGeneration, OtterModel
+from otter.factory import add_special_tokens
+from otter.tiny import TINY_OTTER, tiny_language_model, tiny_tokenizer, tiny_vision_model
+
+from .conftest import set_gates
+
+PROMPTS = ["a photo<image>Output:a red circle<|endofchunk|><image>Output:", "<image>Output:"]
+
+
+def two_sample_batch(processor, images):
+    return processor(text=PROMPTS, images=[images[:2], images[2:3]])
+
+
+@pytest.mark.parametrize("every_n", [1, 2, 3, 4])
+def test_cross_attention_placement_is_openflamingos(every_n):
+    model, _ = otter.tiny.build_tiny_otter("llama", cross_attn_every_n_layers=every_n)
+    placed = [i for i, layer in enumerate(model.decoder_layers()) if layer.gated_cross_attn_layer is not None]
+    assert placed == [i for i in range(4) if (i + 1) % every_n == 0]
+
+
+def test_from_parts_adds_tokens_in_openflamingo_order_and_matches_the_lm(family, images):
+    tokenizer = tiny_tokenizer()
+    base_vocab = len(tokenizer)
+    torch.manual_seed(0)
+    language_model = tiny_language_model(family, vocab_size=base_vocab)
+    text = tokenizer(["a photo of a red circle next to a blue square"], return_tensors="pt")
+    with torch.no_grad():
+        lm_logits = copy.deepcopy(language_model)(**text).logits
+
+    model, processor = otter.from_parts(tiny_vision_model(), language_model, tokenizer, 2, **TINY_OTTER)
+    ids = processor.tokenizer.convert_tokens_to_ids(["<|endofchunk|>", "<image>", "<PAD>"])
+    assert ids == [base_vocab, base_vocab + 1, base_vocab + 2]
+    assert (model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id) == tuple(ids)
+    assert model.get_input_embeddings().weight.shape[0] == base_vocab + 3
+    assert all(block.attn_gate.item() == 0 and block.ff_gate.item() == 0 for block in model.cross_attention_blocks())
+    assert all(p.requires_grad for p in model.parameters()), "building must not freeze anything"
+    model.eval()
+    with torch.no_grad():
+        logits = model(**text).logits
+        # with closed gates, images change nothing either
+        with_images = processor(text=["a photo of a red<image> circle"], images=[images[0]])
+        text_only = processor(text=["a photo of a red<image> circle"], images=[images[1]])
+        assert torch.equal(model(**with_images).logits, model(**text_only).logits)
+    assert (logits[..., :base_vocab] - lm_logits).abs().max() < 1e-5
+
+
+def test_from_parts_loads_folders(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tiny_vision_model().save_pretrained(tmp_path / "clip")
+    tiny_language_model("gpt_neox", len(tokenizer)).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    model, processor = otter.from_parts(tmp_path / "clip", tmp_path / "lm", tmp_path / "lm", 2, **TINY_OTTER)
+    assert model.config.text_config.model_type == "gpt_neox"
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_from_parts_rejects_a_non_clip_vision_model():
+    with pytest.raises(ValueError, match="CLIPVisionModel"):
+        otter.from_parts(torch.nn.Linear(2, 2), tiny_language_model("mpt", 320), tiny_tokenizer())
+
+
+def test_forward_returns_loss_logits_cache_and_image_features(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels, use_cache=True)
+    config = model.config
+    assert out.loss.ndim == 0 and out.loss.isfinite()
+    assert out.logits.shape == (*batch["input_ids"].shape, model.get_input_embeddings().weight.shape[0])
+    assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
+    assert out.image_hidden_states.shape == (2, 2, config.perceiver_num_latents, config.vision_config.hidden_size)
+
+
+def test_five_dim_pixel_values_mean_one_frame(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    with torch.no_grad():
+        six = model(**batch).logits
+        five = model(**{**batch, "pixel_values": batch["pixel_values"][:, :, 0]}).logits
+    assert torch.equal(six, five)
+
+
+def test_samples_with_fewer_images_see_only_their_own(tiny, images):
+    """A sample's logits are the same alone and in a batch where another sample has more images (padded media)."""
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    alone = processor(text=PROMPTS[1:], images=[images[2:3]])
+    with torch.no_grad():
+        batched = model(**batch).logits[1, -alone["input_ids"].shape[1]:]
+        single = model(**alone).logits[0]
+        # padded media content must not matter
+        noisy = dict(batch, pixel_values=batch["pixel_values"].clone())
+        noisy["pixel_values"][1, 1] = torch.randn_like(noisy["pixel_values"][1, 1])
+        batched_noise = model(**noisy).logits[1, -alone["input_ids"].shape[1]:]
+    assert (batched - single).abs().max() < 1e-4
+    assert torch.equal(batched, batched_noise)
+
+
+def test_text_before_the_first_image_gets_the_feed_forward_branch_only(tiny, images):
+    model, processor = tiny
+    text = "words before the image<image>Output:"
+    batch_a = processor(text=[text], images=[images[0]])
+    batch_b = processor(text=[text], images=[images[1]])
+    first_image = batch_a["input_ids"][0].tolist().index(model.config.media_token_id)
+    with torch.no_grad():
+        logits_a = model(**batch_a).logits[0]
+        logits_b = model(**batch_b).logits[0]
+        text_only = model(input_ids=batch_a["input_ids"][:, :first_image]).logits[0]
+        set_gates(model, attn=0.8, ff=0.0)
+        without_ff = model(**batch_a).logits[0]
+    assert torch.equal(logits_a[:first_image], logits_b[:first_image])  # images invisible before the first <image>
+    assert not torch.allclose(logits_a[first_image:], logits_b[first_image:])  # and visible from it on
+    assert torch.allclose(logits_a[:first_image], text_only, atol=1e-5)  # text-only forward: FF branch runs too
+    assert not torch.allclose(logits_a[:first_image], without_ff[:first_image])  # the FF branch is not masked
+
+
+def test_only_attend_immediate_media_false_sees_all_previous_images(images):
+    model, processor = otter.tiny.build_tiny_otter("gpt_neox", only_attend_immediate_media=False)
+    set_gates(model)
+    model.eval()
+    text = "<image>a<image>b"
+    base = processor(text=[text], images=[[images[0], images[1]]])
+    changed = processor(text=[text], images=[[images[2], images[1]]])
+    with torch.no_grad():
+        # the last token follows image 2; with only_attend_immediate_media=False it also reads image 1
+        delta = (model(**base).logits[0, -1] - model(**changed).logits[0, -1]).abs().max()
+    assert delta > 1e-4
+
+
+class CountCalls:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(self.hook)
+
+    def hook(self, *_):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2),
+                                      dict(do_sample=True, top_k=5)])
+def test_generate_encodes_images_once(tiny, images, settings):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    vision, perceiver = CountCalls(model.vision_model), CountCalls(model.perceiver)
+    media_kv = [CountCalls(block.attn.to_kv) for block in model.cross_attention_blocks()]
+    queries = [CountCalls(block.attn.to_q) for block in model.cross_attention_blocks()]
+    torch.manual_seed(0)
+    out = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, **settings)
+    rows = 2 * settings.get("num_return_sequences", 1)
+    assert out.shape == (rows, batch["input_ids"].shape[1] + 5)
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]],
+                       batch["input_ids"].repeat_interleave(rows // 2, dim=0))
+    assert (vision.calls, perceiver.calls) == (1, 1)
+    assert all(counter.calls == 1 for counter in media_kv)
+    assert all(counter.calls == 5 for counter in queries)  # the text side does run every step
+
+
+def test_cached_uncached_and_manual_greedy_decoding_agree(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    eoc = model.config.eoc_token_id
+    settings = dict(max_new_tokens=8, do_sample=False, suppress_tokens=[eoc])
+    cached = model.generate(**batch, use_cache=True, **settings)
+    uncached = model.generate(**batch, use_cache=False, **settings)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits[:, -1]
+            logits[:, eoc] = -float("inf")
+            next_token = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], 1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], 1)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, ids)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    settings = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[model.config.eoc_token_id])
+    batched = model.generate(**batch, **settings)[:, -6:]
+    for row, (text, sample_images) in enumerate(zip(PROMPTS, [images[:2], images[2:3]])):
+        alone = processor(text=[text], images=[sample_images])
+        assert torch.equal(batched[row], model.generate(**alone, **settings)[0, -6:])
+
+
+class ForceAtStep(LogitsProcessor):
+    def __init__(self, token_id, step, prompt_length):
+        self.token_id, self.step, self.prompt_length = token_id, step, prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length == self.step:
+            scores[:] = -float("inf")
+            scores[:, self.token_id] = 0
+        return scores
+
+
+def test_generation_stops_at_end_of_chunk_by_default(tiny, images, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.generation_config.eos_token_id == model.config.eoc_token_id
+    assert loaded.generation_config.pad_token_id == model.config.pad_token_id
+    batch = processor(text=PROMPTS[1:], images=[images[:1]])
+    length = batch["input_ids"].shape[1]
+    force = LogitsProcessorList([ForceAtStep(model.config.eoc_token_id, 2, length)])
+    out = loaded.generate(**batch, max_new_tokens=10, do_sample=False, logits_processor=force)
+    assert out.shape[1] == length + 3 and out[0, -1] == model.config.eoc_token_id
+    assert processor.decode_answers(out, length) == [processor.decode_answers(out[:, :-1], length)[0]]
+
+
+def test_save_and_load_with_every_auto_class(tiny, images, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    batch = two_sample_batch(processor, images)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+            loaded = auto.from_pretrained(tmp_path)
+            assert isinstance(loaded, OtterForConditionalGeneration)
+            assert torch.equal(loaded(**batch).logits, expected)
+        base = AutoModel.from_pretrained(tmp_path)
+        assert type(base) is OtterModel
+        hidden = base(**batch).last_hidden_state
+    assert hidden.shape == (*batch["input_ids"].shape, model.config.text_config.hidden_size)
+    assert all(p.requires_grad for p in loaded.parameters()), "loading must not freeze anything"
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path), otter.OtterProcessor)
+
+
+def test_bfloat16_and_device_map_auto(tiny, images, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    batch = two_sample_batch(processor, images)
+    half = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    mapped = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert torch.equal(mapped(**batch).logits, expected)
+        assert (half(**batch).logits.float() - expected).abs().max() < 0.25
+
+
+def test_device_map_never_splits_a_decoder_layer_from_its_cross_attention(tiny):
+    model, _ = tiny
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    device_map = infer_auto_device_map(model, max_memory={0: size // 3, 1: size // 3, "cpu": 2 * size},
+                                       no_split_module_classes=model._no_split_modules)
+    assert len(set(device_map.values())) == 3, "the budget must force a split for this test to mean anything"
+    layers_path = "language_model." + model._decoder_layers_path + "."
+    for name in device_map:
+        if name.startswith(layers_path):
+            assert name[len(layers_path):].isdigit(), f"{name} splits a decoder layer"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, images):
+    model, processor = tiny
+    model.freeze_backbones(train_embeddings=True)
+    batch = two_sample_batch(processor, images)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def gradients():
+        model.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.cross_attention_blocks())
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_freeze_backbones_trains_perceiver_and_cross_attention(tiny):
+    model, _ = tiny
+    model.freeze_backbones()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("perceiver.") or ".gated_cross_attn_layer." in name for name in trainable)
+    assert len(trainable) == len(list(model.perceiver.parameters())) + sum(
+        len(list(block.parameters())) for block in model.cross_attention_blocks())
+    model.freeze_backbones(train_embeddings=True)
+    assert model.get_input_embeddings().weight.requires_grad
+
+
+def test_video_frames_need_max_num_frames(images):
+    model, processor = otter.tiny.build_tiny_otter("mpt", max_num_frames=3)
+    set_gates(model)
+    batch = processor(text=["<image>a video"], images=[images[:1]])
+    video = batch["pixel_values"].repeat(1, 1, 3, 1, 1, 1)  # (1, 1, 3, C, H, W)
+    video[0, 0, 1:] = torch.randn_like(video[0, 0, 1:])
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], pixel_values=video)
+        one_frame = model(**batch)
+    assert not torch.allclose(out.logits, one_frame.logits)
+    with pytest.raises(ValueError, match="at most 3"):
+        model(input_ids=batch["input_ids"], pixel_values=video.repeat(1, 1, 2, 1, 1, 1))
+    plain, _ = otter.tiny.build_tiny_otter("mpt")
+    with pytest.raises(ValueError, match="max_num_frames"):
+        plain(input_ids=batch["input_ids"], pixel_values=video)
+
+
+def test_bad_inputs_get_clear_errors(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    with pytest.raises(ValueError, match=r"pixel_values must be .* shape \(2, 3, 32, 32\)"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, 0, 0])
+    with pytest.raises(ValueError, match=r"sample\(s\) \[0\] hold more <image> tokens than the 1 media"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, :1])
+    with pytest.raises(ValueError, match="batch of 1 but input_ids has 2 rows"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:1])
+
+
+def test_unknown_language_model_family_says_how_to_name_its_layers(images):
+    tokenizer = tiny_tokenizer()
+    add_special_tokens(tokenizer)
+    gpt2 = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tokenizer))
+    config = OtterConfig(vision_config=tiny_vision_model().config.to_dict(), text_config=gpt2.to_dict(), **TINY_OTTER)
+    with pytest.raises(ValueError, match=r"decoder_layers_attr='path.to.layers'"):
+        OtterForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="has no attribute path 'transformer.layers'"):
+        OtterForConditionalGeneration(OtterConfig(**{**config.to_dict(), "decoder_layers_attr": "transformer.layers"}))
+    # naming the layers is all another family needs
+    model, processor = otter.from_parts(tiny_vision_model(), GPT2LMHeadModel(gpt2), tokenizer,
+                                        decoder_layers_attr="transformer.h", **TINY_OTTER)
+    set_gates(model)
+    batch = processor(text=["<image>Output:"], images=[images[:1]])
+    assert model.generate(**batch, max_new_tokens=3, min_new_tokens=3).shape[1] == batch["input_ids"].shape[1] + 3
+    assert AutoConfig.for_model("otter", decoder_layers_attr="transformer.h").decoder_layers_attr == "transformer.h"

@@ -1,0 +1,58 @@
+"""Otter computes what OpenFlamingo 2.0.1 computes, on identical weights (the reference is the oracle)."""
+
+import pytest
+import torch
+
+from otter.tiny import build_tiny_otter
+
+from .conftest import FAMILIES, set_gates
+from .reference import reference_twin
+
+# the reference hard-codes these sizes
+OPENFLAMINGO_SIZES = dict(perceiver_depth=6, perceiver_heads=8, perceiver_dim_head=64, perceiver_num_latents=64,
+                          cross_attn_heads=8, cross_attn_dim_head=64)
+
+TEXTS = [
+    "a picture:<image>Output:a red circle<|endofchunk|>\n<image>Question:what is it? Short answer:",
+    "<image>Output:",
+    "some words first, then<image>Output:a green thing<|endofchunk|><image>Output:yes<|endofchunk|><image>Output:",
+]
+
+
+def build_pair(family, every_n):
+    model, processor = build_tiny_otter(family, cross_attn_every_n_layers=every_n, seed=1, **OPENFLAMINGO_SIZES)
+    set_gates(model, attn=0.9, ff=-0.7)
+    model.eval()
+    return model, processor, reference_twin(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("every_n", [1, 2, 4])
+def test_logits_match_reference(family, every_n, images):
+    model, processor, reference = build_pair(family, every_n)
+    per_sample = [images[:2], images[2:3], images[1:4]]
+    batch = processor(text=TEXTS, images=per_sample)  # left padding, 1 to 3 images per sample
+    assert batch["attention_mask"][:, 0].eq(0).any(), "the batch must be left-padded"
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = reference(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_reference(family, images):
+    model, processor, reference = build_pair(family, 2)
+    batch = processor(text=TEXTS[:2], images=[images[:2], images[2:3]])
+    special = [model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id]
+    settings = dict(max_new_tokens=6, do_sample=False, num_beams=1, suppress_tokens=special,
+                    pad_token_id=model.config.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    ours = model.generate(**batch, **settings)
+    with torch.no_grad():
+        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    **settings)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
+        finite = step_ours.isfinite()
+        assert torch.equal(finite, step_theirs.isfinite())
+        assert (step_ours[finite] - step_theirs[finite]).abs().max() <= 1e-4
