@@ -34,7 +34,7 @@ def from_parts(
     """
     A new Otter model and its processor, from parts given as objects or local folders.
 
-    The tokenizer gains `<|endofchunk|>`, `<image>` (and `<PAD>` when it has none) and left padding; the language
+    The tokenizer gains `<|endofchunk|>`, `<image>` (and `<PAD>` when it has none); the language
     model's embeddings are resized to match; the perceiver and cross-attention blocks are new, their gates at 0, so
     the model's logits on text equal the language model's. `config_kwargs` go to `OtterConfig` (perceiver and
     cross-attention sizes, `only_attend_immediate_media`, ...). No parameter's `requires_grad` is changed: call
@@ -50,7 +50,6 @@ def from_parts(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
     add_special_tokens(tokenizer)
-    tokenizer.padding_side = "left"
     language_model.resize_token_embeddings(len(tokenizer))
     config = OtterConfig(
         vision_config=vision_model.config.to_dict(),

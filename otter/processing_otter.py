@@ -30,15 +30,22 @@ class OtterProcessor(ProcessorMixin):
     Pairs a CLIP image processor with the tokenizer (which holds `<image>` and `<|endofchunk|>`).
 
     `processor(text=..., images=...)`: `text` is a string or a list of strings with `<image>` markers; `images` is
-    one list of images per sample, or a flat list in marker order across the batch. Padding follows
-    `tokenizer.padding_side` (left for generation), truncation `tokenizer.truncation_side`; truncation drops the
-    images whose markers it cut, so markers and images always pair up.
+    one list of images per sample, or a flat list in marker order across the batch. `padding_side` is left by
+    default (what batched generation needs; training collators pad right); `truncation_side` says which end
+    `max_length` cuts, and truncation drops the images whose markers it cut, so markers and images always pair up.
+    Both are saved with the processor.
     """
 
     image_token = IMAGE_TOKEN
     eoc_token = END_OF_CHUNK
 
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, padding_side: str = "left", truncation_side: str = "right",
+                 **kwargs):
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("left", "right"):
+                raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @property
@@ -60,7 +67,8 @@ class OtterProcessor(ProcessorMixin):
         per_sample = self._images_per_sample(texts, token_ids, images)
         if max_length is not None:
             token_ids, per_sample = zip(*(self._truncate(ids, imgs, max_length) for ids, imgs in zip(token_ids, per_sample)))
-        batch = self.tokenizer.pad({"input_ids": list(token_ids)}, padding="longest", return_tensors=return_tensors)
+        batch = self.tokenizer.pad({"input_ids": list(token_ids)}, padding="longest", padding_side=self.padding_side,
+                                   return_tensors=return_tensors)
         data = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if any(per_sample):
             data["pixel_values"] = self._pixel_values(per_sample)
@@ -95,7 +103,7 @@ class OtterProcessor(ProcessorMixin):
     def _truncate(self, ids: list[int], images: list, max_length: int) -> tuple[list[int], list]:
         if len(ids) <= max_length:
             return ids, images
-        if self.tokenizer.truncation_side == "left":
+        if self.truncation_side == "left":
             kept = ids[-max_length:]
             kept_markers = kept.count(self.image_token_id)
             return kept, images[len(images) - kept_markers:]

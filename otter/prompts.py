@@ -11,7 +11,7 @@ ANSWER_TOKEN = "<answer>"
 class PromptTemplate:
     """
     One interleaved example. `template` holds `{fields}`, and ends with `{<answer_field>}`; a demo is the filled
-    template followed by `<|endofchunk|>`, a query is the template cut just before the answer.
+    template followed by `<|endofchunk|>`, a query is the template cut just before the answer and the space before it.
     `separator` follows every demo in a few-shot prompt.
     """
 
@@ -26,7 +26,8 @@ class PromptTemplate:
         head, marker, _ = self.template.partition("{" + self.answer_field + "}")
         if not marker:
             raise ValueError(f"template {self.template!r} has no {{{self.answer_field}}} field")
-        return head.format(**fields)
+        # the space before the answer belongs to the answer's first token (" A" in BPE), as in training
+        return head.format(**fields).rstrip(" ")
 
 
 # OpenFlamingo's evaluation prompts (open_flamingo/eval/models/open_flamingo.py)

@@ -70,7 +70,7 @@ def test_from_parts_loads_folders(tmp_path):
     tokenizer.save_pretrained(tmp_path / "lm")
     model, processor = otter.from_parts(tmp_path / "clip", tmp_path / "lm", tmp_path / "lm", 2, **TINY_OTTER)
     assert model.config.text_config.model_type == "gpt_neox"
-    assert processor.tokenizer.padding_side == "left"
+    assert processor.padding_side == "left"
 
 
 def test_from_parts_rejects_a_non_clip_vision_model():
