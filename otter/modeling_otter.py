@@ -195,6 +195,14 @@ class OtterModel(OtterPreTrainedModel):
         """1-based index of the latest `<image>` at or before each token, 0 before the first: `(batch, text_len)`."""
         return (input_ids == self.config.media_token_id).cumsum(dim=-1)
 
+    @staticmethod
+    def _check_media_count(markers_per_sample: torch.Tensor, num_media: int) -> None:
+        too_many = (markers_per_sample > num_media).nonzero().flatten().tolist()
+        if too_many:
+            raise ValueError(
+                f"sample(s) {too_many} hold more <image> tokens than the {num_media} media items given per sample"
+            )
+
     @contextmanager
     def _conditioned_on(self, input_ids, media_key_values, media_index, past_key_values):
         """Hand every cross-attention layer its media, keys/values and mask for one forward call."""
@@ -206,6 +214,7 @@ class OtterModel(OtterPreTrainedModel):
                 raise ValueError(
                     f"the images are for a batch of {media_key_values.shape[0]} but input_ids has {input_ids.shape[0]} rows"
                 )
+            num_media = media_key_values.shape[2] // self.config.perceiver_num_latents
             if media_index is None:
                 if past_key_values is not None and past_key_values.get_seq_length() > 0:
                     raise ValueError(
@@ -213,12 +222,7 @@ class OtterModel(OtterPreTrainedModel):
                         "[:, -new_tokens:] (generate() does this for you)"
                     )
                 media_index = self.media_index(input_ids)
-            num_media = media_key_values.shape[2] // self.config.perceiver_num_latents
-            too_many = (media_index.amax(dim=-1) > num_media).nonzero().flatten().tolist()
-            if too_many:
-                raise ValueError(
-                    f"sample(s) {too_many} hold more <image> tokens than the {num_media} media items given per sample"
-                )
+                self._check_media_count(media_index[:, -1], num_media)
             attn_mask, has_media = media_attention_mask(
                 media_index, num_media, self.config.perceiver_num_latents, self.config.only_attend_immediate_media
             )
@@ -320,17 +324,25 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         """
         `generate()` on interleaved images and text. The images are encoded once, and each cross-attention block's
         media keys/values computed once, before decoding starts; decoding stops at `<|endofchunk|>` by default.
+        A generated `<image>` token has no image behind it: the tokens after it keep reading the prompt's last image.
         """
         if pixel_values is not None:
             _, kwargs["media_key_values"] = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"))
+        if kwargs.get("media_key_values") is not None:
+            if input_ids is None:
+                raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
+            prompt_media = self.media_index(input_ids)[:, -1]
+            self._check_media_count(prompt_media, kwargs["media_key_values"].shape[2] // self.config.perceiver_num_latents)
+            kwargs["prompt_media"] = prompt_media
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, media_key_values=None, media_index=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, media_key_values=None, prompt_media=None, media_index=None,
+                                      **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if media_key_values is not None:
             new_tokens = model_inputs["input_ids"].shape[1]
             model_inputs["media_key_values"] = media_key_values
-            model_inputs["media_index"] = self.media_index(input_ids)[:, -new_tokens:]
+            model_inputs["media_index"] = self.media_index(input_ids)[:, -new_tokens:].minimum(prompt_media[:, None])
         return model_inputs
 
 

@@ -348,3 +348,22 @@ def test_unknown_language_model_family_says_how_to_name_its_layers(images):
     batch = processor(text=["<image>Output:"], images=[images[:1]])
     assert model.generate(**batch, max_new_tokens=3, min_new_tokens=3).shape[1] == batch["input_ids"].shape[1] + 3
     assert AutoConfig.for_model("otter", decoder_layers_attr="transformer.h").decoder_layers_attr == "transformer.h"
+
+
+def test_a_generated_image_token_keeps_reading_the_prompts_last_image(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    length = batch["input_ids"].shape[1]
+    force = LogitsProcessorList([ForceAtStep(model.config.media_token_id, 1, length)])
+    out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, logits_processor=force,
+                         output_logits=True, return_dict_in_generate=True)
+    assert (out.sequences[:, length + 1] == model.config.media_token_id).all()
+    # the token after the generated <image> is scored as if it followed the prompt's last image
+    prompt_index = model.media_index(batch["input_ids"])
+    media_index = torch.cat([prompt_index, prompt_index[:, -1:].expand(-1, 2)], dim=1)
+    attention_mask = torch.cat([batch["attention_mask"], torch.ones(2, 2, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences[:, : length + 2], attention_mask=attention_mask,
+                       pixel_values=batch["pixel_values"], media_index=media_index).logits[:, -1]
+    assert out.logits[2].isfinite().all()
+    assert torch.allclose(logits, out.logits[2], atol=1e-4)
