@@ -243,6 +243,13 @@ class OtterModel(OtterPreTrainedModel):
         image_features = self.get_image_features(pixel_values)
         return image_features, self.get_media_key_values(image_features)
 
+    def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, past_key_values, **kwargs):
+        """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
+        image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
+        with self._conditioned_on(input_ids, media_key_values, media_index, past_key_values):
+            outputs = language_model(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        return image_features, outputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -261,12 +268,10 @@ class OtterModel(OtterPreTrainedModel):
         pixel_values when the images were encoded already; `media_index` (from `media_index()` on the full sequence)
         is needed when decoding new tokens against `past_key_values`.
         """
-        image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
-        with self._conditioned_on(input_ids, media_key_values, media_index, past_key_values):
-            outputs = self.language_model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                use_cache=use_cache, **kwargs,
-            )
+        image_features, outputs = self._run(
+            self.language_model.base_model, input_ids, pixel_values, media_key_values, media_index, past_key_values,
+            attention_mask=attention_mask, use_cache=use_cache, **kwargs,
+        )
         return OtterModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
@@ -304,12 +309,10 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         As `OtterModel.forward`, plus `labels` `(batch, text_len)`: the loss is the language model's shifted
         cross-entropy, ignoring -100.
         """
-        image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
-        with self._conditioned_on(input_ids, media_key_values, media_index, past_key_values):
-            outputs = self.language_model(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values,
-                use_cache=use_cache, **kwargs,
-            )
+        image_features, outputs = self._run(
+            self.language_model, input_ids, pixel_values, media_key_values, media_index, past_key_values,
+            attention_mask=attention_mask, labels=labels, use_cache=use_cache, **kwargs,
+        )
         return OtterCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,

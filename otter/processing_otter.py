@@ -57,18 +57,18 @@ class OtterProcessor(ProcessorMixin):
         return self.tokenizer.convert_tokens_to_ids(self.eoc_token)
 
     def __call__(self, text=None, images=None, max_length: int | None = None, add_special_tokens: bool = True,
-                 return_tensors: str = "pt", **kwargs) -> BatchFeature:
+                 return_tensors: str = "pt") -> BatchFeature:
         if text is None:
             raise ValueError("OtterProcessor needs text: a string or a list of strings with <image> markers")
-        if kwargs:
-            raise ValueError(f"unexpected arguments: {sorted(kwargs)}")
+        if return_tensors != "pt":
+            raise ValueError(f"OtterProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text)
         token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         per_sample = self._images_per_sample(texts, token_ids, images)
         if max_length is not None:
             token_ids, per_sample = zip(*(self._truncate(ids, imgs, max_length) for ids, imgs in zip(token_ids, per_sample)))
         batch = self.tokenizer.pad({"input_ids": list(token_ids)}, padding="longest", padding_side=self.padding_side,
-                                   return_tensors=return_tensors)
+                                   return_tensors="pt")
         data = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if any(per_sample):
             data["pixel_values"] = self._pixel_values(per_sample)
