@@ -195,6 +195,9 @@ class OtterModel(OtterPreTrainedModel):
         """1-based index of the latest `<image>` at or before each token, 0 before the first: `(batch, text_len)`."""
         return (input_ids == self.config.media_token_id).cumsum(dim=-1)
 
+    def _num_media(self, media_key_values: torch.Tensor) -> int:
+        return media_key_values.shape[2] // self.config.perceiver_num_latents
+
     @staticmethod
     def _check_media_count(markers_per_sample: torch.Tensor, num_media: int) -> None:
         too_many = (markers_per_sample > num_media).nonzero().flatten().tolist()
@@ -214,7 +217,7 @@ class OtterModel(OtterPreTrainedModel):
                 raise ValueError(
                     f"the images are for a batch of {media_key_values.shape[0]} but input_ids has {input_ids.shape[0]} rows"
                 )
-            num_media = media_key_values.shape[2] // self.config.perceiver_num_latents
+            num_media = self._num_media(media_key_values)
             if media_index is None:
                 if past_key_values is not None and past_key_values.get_seq_length() > 0:
                     raise ValueError(
@@ -335,7 +338,7 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
             prompt_media = self.media_index(input_ids)[:, -1]
-            self._check_media_count(prompt_media, kwargs["media_key_values"].shape[2] // self.config.perceiver_num_latents)
+            self._check_media_count(prompt_media, self._num_media(kwargs["media_key_values"]))
             kwargs["prompt_media"] = prompt_media
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

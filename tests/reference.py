@@ -15,6 +15,8 @@ flamingo_module = pytest.importorskip("open_flamingo.src.flamingo", reason="pip 
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
+from otter.language_models import get_decoder_layers, set_decoder_layers  # noqa: E402
+
 
 class ClipTokens(nn.Module):
     """Stands in for open_clip's `visual` with `output_tokens=True`: returns (pooled, patch tokens)."""
@@ -44,11 +46,9 @@ class FlamingoLMForTransformers5(FlamingoLMMixin):
 def unwrapped_language_model(model):
     """A deep copy of the Otter model's LM with its original decoder layers back in place."""
     language_model = copy.deepcopy(model.language_model)
-    layers = language_model
-    *parents, name = model._decoder_layers_path.split(".")
-    for part in parents:
-        layers = getattr(layers, part)
-    setattr(layers, name, nn.ModuleList(layer.decoder_layer for layer in getattr(layers, name)))
+    path = model._decoder_layers_path
+    layers = get_decoder_layers(language_model, path)
+    set_decoder_layers(language_model, path, nn.ModuleList(layer.decoder_layer for layer in layers))
     return language_model
 
 
