@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--max-new-tokens", type=int, default=8)
     demo_parser.set_defaults(func=demo)
+    # each package registers its own subcommands; imported here only, so `import otter` stays light
+    from otter.conversion.cli import register as register_conversion
+
+    register_conversion(commands)
     return parser
 
 
