@@ -10,6 +10,7 @@ from transformers import (
 
 from .configuration_otter import OtterConfig
 from .factory import from_parts
+from .language_models import load_language_model
 from .modeling_otter import OtterForConditionalGeneration, OtterModel, OtterPreTrainedModel
 from .processing_otter import OtterProcessor
 
@@ -26,4 +27,5 @@ __all__ = [
     "OtterPreTrainedModel",
     "OtterProcessor",
     "from_parts",
+    "load_language_model",
 ]

@@ -2,9 +2,10 @@
 
 import os
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, PreTrainedModel
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, PreTrainedModel
 
 from .configuration_otter import OtterConfig
+from .language_models import load_language_model
 from .modeling_otter import OtterForConditionalGeneration
 from .processing_otter import OtterProcessor
 from .prompts import END_OF_CHUNK, IMAGE_TOKEN
@@ -45,7 +46,7 @@ def from_parts(
     if not isinstance(vision_model, CLIPVisionModel):
         raise ValueError(f"vision_model must be a transformers CLIPVisionModel or its folder, got {type(vision_model).__name__}")
     if isinstance(language_model, (str, os.PathLike)):
-        language_model = AutoModelForCausalLM.from_pretrained(language_model)
+        language_model = load_language_model(language_model)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 

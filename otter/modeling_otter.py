@@ -6,14 +6,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_otter import OtterConfig
 from .cross_attention import GatedCrossAttentionBlock, OtterDecoderLayer, media_attention_mask
-from .language_models import decoder_layers_path, get_decoder_layers, set_decoder_layers
+from .language_models import (
+    MptForCausalLMWithQKLayerNorm,
+    build_language_model,
+    decoder_layers_path,
+    get_decoder_layers,
+    needs_qk_layernorm,
+    set_decoder_layers,
+)
 from .perceiver import PerceiverResampler
 
 
@@ -59,7 +66,8 @@ class OtterPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
-            init.zeros_(module.bias)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, PerceiverResampler):
             init.normal_(module.latents, mean=0.0, std=1.0)
             if module.frame_embs is not None:
@@ -92,7 +100,12 @@ class OtterModel(OtterPreTrainedModel):
             max_num_frames=config.max_num_frames,
         )
         if language_model is None:
-            language_model = AutoModelForCausalLM.from_config(config.text_config)
+            language_model = build_language_model(config.text_config)
+        elif needs_qk_layernorm(language_model.config) and not isinstance(language_model, MptForCausalLMWithQKLayerNorm):
+            raise ValueError(
+                f"the language model's config asks for QK LayerNorm (attn_config.qk_ln) but {type(language_model).__name__} "
+                "ignores it; load it with otter.load_language_model(path)"
+            )
         self._decoder_layers_path = decoder_layers_path(config.text_config.model_type, config.decoder_layers_attr)
         layers = get_decoder_layers(language_model, self._decoder_layers_path)
         every_n = config.cross_attn_every_n_layers
