@@ -2,6 +2,7 @@
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -12,13 +13,14 @@ from .configuration_otter import OtterConfig
 from .factory import from_parts
 from .language_models import load_language_model
 from .modeling_otter import OtterForConditionalGeneration, OtterModel, OtterPreTrainedModel
-from .processing_otter import OtterProcessor
+from .processing_otter import OtterImageProcessor, OtterProcessor
 
 AutoConfig.register("otter", OtterConfig)
 AutoModel.register(OtterConfig, OtterModel)
 AutoModelForCausalLM.register(OtterConfig, OtterForConditionalGeneration)
 AutoModelForImageTextToText.register(OtterConfig, OtterForConditionalGeneration)
 AutoProcessor.register(OtterConfig, OtterProcessor)
+AutoImageProcessor.register(OtterConfig, image_processor_classes={"pil": OtterImageProcessor})
 
 __all__ = [
     "OtterConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "OtterForConditionalGeneration",
     "OtterPreTrainedModel",
     "OtterProcessor",
+    "OtterImageProcessor",
     "from_parts",
     "load_language_model",
 ]

@@ -2,12 +2,13 @@
 
 import os
 
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, PreTrainedModel
+from PIL import Image
+from transformers import AutoTokenizer, CLIPVisionModel, PreTrainedModel
 
 from .configuration_otter import OtterConfig
 from .language_models import load_language_model
 from .modeling_otter import OtterForConditionalGeneration
-from .processing_otter import OtterProcessor
+from .processing_otter import OtterImageProcessor, OtterProcessor
 from .prompts import END_OF_CHUNK, IMAGE_TOKEN
 
 PAD_TOKEN = "<PAD>"
@@ -20,9 +21,18 @@ def add_special_tokens(tokenizer) -> None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
 
-def clip_image_processor(image_size: int) -> CLIPImageProcessor:
-    """OpenAI CLIP preprocessing: shortest side to `image_size` (bicubic), centre crop, CLIP mean/std."""
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_image_processor(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                         resample: str = "bicubic") -> OtterImageProcessor:
+    """open_clip's inference transform: shortest side to `image_size` (bicubic), centre crop, CLIP mean/std."""
+    resamplers = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    if resample not in resamplers:
+        raise ValueError(f"resample must be one of {sorted(resamplers)}, got {resample!r}")
+    return OtterImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                               image_mean=list(mean), image_std=list(std), resample=resamplers[resample])
 
 
 def from_parts(

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_transforms import get_image_size
+from transformers.image_utils import ChannelDimension
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .prompts import END_OF_CHUNK, IMAGE_TOKEN
 
@@ -23,6 +26,22 @@ def load_image(image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA")  # palette transparency is defined through RGBA
     return image.convert("RGB")  # as open_clip's transform: alpha is dropped, not composited
+
+
+class OtterImageProcessor(CLIPImageProcessorPil):
+    """
+    CLIP preprocessing as open_clip and OpenAI CLIP do it, pixel for pixel: PIL resize of the shortest side, then a
+    centre crop whose offset is rounded as torchvision rounds it (transformers' crop floors it, a one-pixel shift on
+    odd margins), then mean/std normalisation.
+    """
+
+    def center_crop(self, image, size, **kwargs):
+        height, width = get_image_size(image, channel_dim=ChannelDimension.FIRST)
+        if size.height > height or size.width > width:
+            return super().center_crop(image, size, **kwargs)  # padding case: never reached after a shortest-side resize
+        top = int(round((height - size.height) / 2.0))
+        left = int(round((width - size.width) / 2.0))
+        return image[..., top:top + size.height, left:left + size.width]
 
 
 class OtterProcessor(ProcessorMixin):
