@@ -9,6 +9,8 @@ never a whole model.
 import json
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +59,16 @@ def _state_dict_in(loaded, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """(tensors, memory_mapped). Zip archives (torch >= 1.6) are memory-mapped, so nothing is read until used."""
+    """(tensors, memory_mapped). Zip archives (torch >= 1.6) are memory-mapped, so nothing is read until used. Only
+    tensors and plain containers are unpickled (weights_only=True)."""
+    mapped = zipfile.is_zipfile(path)
+    if not mapped:
+        logger.warning("%s is a legacy (pre-zip) torch file: it is read into memory whole", path)
     try:
-        return _state_dict_in(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path), True
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise ValueError(f"cannot read {path} as PyTorch weights (weights_only=True): {error}") from error
-    logger.warning("%s is a legacy (pre-zip) torch file: it is read into memory whole", path)
-    return _state_dict_in(torch.load(path, map_location="cpu", weights_only=True), path), False
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} does not load with weights_only=True (it pickles more than tensors): {error}") from error
+    return _state_dict_in(loaded, path), mapped
 
 
 @dataclass(frozen=True)

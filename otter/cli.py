@@ -2,6 +2,8 @@
 
 import argparse
 import logging
+import shlex
+import sys
 
 import torch
 from PIL import Image, ImageDraw
@@ -58,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["otter", *argv])  # recorded by commands that write a model card
     args.func(args)
 
 
