@@ -1,0 +1,71 @@
+"""`otter eval ...`: registered by otter/cli.py."""
+
+import argparse
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def run(args) -> None:
+    import dataclasses
+
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from otter import OtterForConditionalGeneration, OtterProcessor
+
+    from .evaluator import evaluate
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    if task.generation is not None:
+        overrides = {key: value for key, value in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+                     if value is not None}
+        task = dataclasses.replace(task, generation={**task.generation, **overrides})
+    elif args.num_beams is not None or args.max_new_tokens is not None:
+        raise ValueError(f"--num-beams and --max-new-tokens apply to generation tasks; {task.name} ranks class names")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    model = OtterForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    processor = OtterProcessor.from_pretrained(args.model)
+    rices_encoder = None
+    if args.rices_encoder is not None:
+        rices_encoder = (CLIPVisionModelWithProjection.from_pretrained(args.rices_encoder, dtype=dtype).to(device),
+                         CLIPImageProcessor.from_pretrained(args.rices_encoder))
+    evaluate(
+        model, processor, task, data_dir=args.data_dir, out=args.out, shots=args.shots, trials=args.trials,
+        seed=args.seed, rices=args.rices, rices_encoder=rices_encoder, rices_cache=args.rices_cache,
+        batch_size=args.batch_size, num_samples=args.num_samples, query_set_size=args.query_set_size,
+    )
+    out = Path(args.out)
+    print(out.with_suffix(".md").read_text(encoding="utf-8"), end="")
+    print(f"\nresults: {out}  summary: {out.with_suffix('.md')}  per-sample log: {out.with_suffix('.samples.jsonl')}")
+
+
+def register(commands) -> None:
+    from .tasks import TASKS
+
+    parser = commands.add_parser(
+        "eval", help="few-shot evaluation on the OpenFlamingo benchmarks",
+        description="Few-shot evaluation with OpenFlamingo's protocol. Dataset layouts: eval/README.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="an Otter model folder (weights, tokenizer, processor)")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--data-dir", required=True, help="the task's data set, in the layout eval/README.md documents")
+    parser.add_argument("--out", required=True, help="results JSON; the .md summary and the .samples.jsonl log go beside it")
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 16, 32])
+    parser.add_argument("--trials", type=int, default=1, help="random demonstrations: trial t uses seed + t")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--rices", action="store_true", help="retrieve demonstrations by image similarity (RICES)")
+    parser.add_argument("--rices-encoder", default=None,
+                        help="a transformers CLIP folder for RICES embeddings (default: the model's own vision tower)")
+    parser.add_argument("--rices-cache", default=None, help="folder of cached RICES embeddings (default: beside --out)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-samples", type=int, default=None, help="evaluate a seeded random subset (default: all)")
+    parser.add_argument("--query-set-size", type=int, default=2048, help="random demonstrations come from this many")
+    parser.add_argument("--num-beams", type=int, default=None, help="override the task's beam count")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.set_defaults(func=run)

@@ -1,0 +1,201 @@
+"""
+The benchmarks' files, read in the layouts that eval/README.md documents (the official downloads' names, as
+OpenFlamingo's evaluation reads them). Each loader returns a `Benchmark`: the demonstration pool (the training split)
+and the evaluated split, as lists of `Example`.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .imagenet_classnames import IMAGENET_CLASSNAMES
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """
+    One sample. `fields` fill the task's prompt template (the answer field included: it is what a demonstration
+    shows); `target` is what the metric compares a prediction with (VQA answer records, reference captions, a class
+    name, a 0/1 label).
+    """
+
+    id: Any
+    image: Path
+    fields: dict
+    target: Any
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    pool: list[Example]
+    test: list[Example]
+    class_names: list[str] | None = field(default=None)
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ValueError(f"{what} not found: expected {path} (see the dataset layouts in eval/README.md)")
+    return path
+
+
+def _read_json(path: Path, what: str):
+    with open(_require(path, what), encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _unique_ids(examples: list[Example], source: Path) -> list[Example]:
+    seen = set()
+    for example in examples:
+        if example.id in seen:
+            raise ValueError(f"sample id {example.id!r} occurs twice in {source}; sample ids must be unique")
+        seen.add(example.id)
+    return examples
+
+
+# -- VQA: VQAv2, OK-VQA, TextVQA, VizWiz in the VQA API's JSON format -----------------------------------------------
+VQA_FILES = {
+    # task: (pool images, test images, questions pattern, annotations pattern), {split} in the patterns
+    "vqav2": ("train2014", "val2014", "v2_OpenEnded_mscoco_{split}_questions.json", "v2_mscoco_{split}_annotations.json"),
+    "ok_vqa": ("train2014", "val2014", "OpenEnded_mscoco_{split}_questions.json", "mscoco_{split}_annotations.json"),
+    "textvqa": ("train_images", "train_images", "{split}_questions_vqa_format.json", "{split}_annotations_vqa_format.json"),
+    "vizwiz": ("train", "val", "{split}_questions_vqa_format.json", "{split}_annotations_vqa_format.json"),
+}
+VQA_SPLITS = {"vqav2": ("train2014", "val2014"), "ok_vqa": ("train2014", "val2014"),
+              "textvqa": ("train", "val"), "vizwiz": ("train", "val")}
+
+
+def _vqa_image_path(task: str, image_dir: Path, image_id) -> Path:
+    if task in ("vqav2", "ok_vqa"):
+        return image_dir / f"COCO_{image_dir.name}_{int(image_id):012d}.jpg"
+    if task == "textvqa":
+        return image_dir / f"{image_id}.jpg"
+    return image_dir / str(image_id)  # VizWiz: the image id is the file name
+
+
+def _vqa_split(task: str, data_dir: Path, image_dir: Path, split: str) -> list[Example]:
+    _, _, questions_pattern, annotations_pattern = VQA_FILES[task]
+    questions_path = data_dir / questions_pattern.format(split=split)
+    annotations_path = data_dir / annotations_pattern.format(split=split)
+    questions = _read_json(questions_path, f"{task} {split} questions")["questions"]
+    annotations = {a["question_id"]: a for a in _read_json(annotations_path, f"{task} {split} annotations")["annotations"]}
+    _require(image_dir, f"{task} {split} image folder")
+    examples = []
+    for question in questions:
+        annotation = annotations.get(question["question_id"])
+        if annotation is None:
+            raise ValueError(f"question {question['question_id']} of {questions_path} has no annotation in {annotations_path}")
+        examples.append(Example(
+            id=question["question_id"],
+            image=_vqa_image_path(task, image_dir, question["image_id"]),
+            # a demonstration shows the first annotator's answer, as OpenFlamingo does
+            fields={"question": question["question"], "answer": annotation["answers"][0]["answer"]},
+            target=annotation["answers"],
+        ))
+    return _unique_ids(examples, questions_path)
+
+
+def load_vqa(task: str, data_dir: Path) -> Benchmark:
+    pool_images, test_images, _, _ = VQA_FILES[task]
+    pool_split, test_split = VQA_SPLITS[task]
+    return Benchmark(pool=_vqa_split(task, data_dir, data_dir / pool_images, pool_split),
+                     test=_vqa_split(task, data_dir, data_dir / test_images, test_split))
+
+
+# -- captioning: Karpathy splits of COCO and Flickr30K ------------------------------------------------------------
+def load_captions(task: str, data_dir: Path) -> Benchmark:
+    """
+    Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: demonstrations come from the "train" split,
+    evaluation is on the "test" split, references are every `sentences[].raw` of an image.
+    """
+    karpathy = data_dir / ("dataset_coco.json" if task == "coco" else "dataset_flickr30k.json")
+    images = _read_json(karpathy, f"{task} Karpathy split file")["images"]
+    pool, test = [], []
+    for entry in images:
+        if entry["split"] not in ("train", "test"):
+            continue  # "val" and "restval" are not used, as in OpenFlamingo
+        if task == "coco":
+            image = data_dir / entry["filepath"] / entry["filename"]  # filepath is "train2014" or "val2014"
+            image_id = entry["cocoid"]
+        else:
+            image = data_dir / "flickr30k-images" / entry["filename"]
+            image_id = entry["filename"].rsplit(".", 1)[0]
+        references = [sentence["raw"] for sentence in entry["sentences"]]
+        example = Example(id=image_id, image=image, fields={"caption": references[0].strip()}, target=references)
+        (pool if entry["split"] == "train" else test).append(example)
+    return Benchmark(pool=_unique_ids(pool, karpathy), test=_unique_ids(test, karpathy))
+
+
+# -- ImageNet-style classification ----------------------------------------------------------------------------------
+WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def _class_names(data_dir: Path, folders: list[str]) -> list[str]:
+    names_file = data_dir / "classnames.txt"
+    if names_file.exists():
+        names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(names) != len(folders):
+            raise ValueError(f"{names_file} names {len(names)} classes but {data_dir / 'train'} has {len(folders)} class folders")
+        return names
+    if len(folders) == len(IMAGENET_CLASSNAMES) and all(WORDNET_ID.fullmatch(folder) for folder in folders):
+        return list(IMAGENET_CLASSNAMES)
+    return [folder.replace("_", " ") for folder in folders]
+
+
+def _image_folder(root: Path, folders: list[str], class_names: list[str], data_dir: Path) -> list[Example]:
+    _require(root, "class folder root")
+    present = sorted(path.name for path in root.iterdir() if path.is_dir())
+    unknown = sorted(set(present) - set(folders))
+    if unknown:
+        raise ValueError(f"{root} has class folders {unknown[:5]} that {data_dir / 'train'} does not have")
+    examples = []
+    for folder, name in zip(folders, class_names):
+        for image in sorted((root / folder).iterdir()) if (root / folder).is_dir() else []:
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                examples.append(Example(id=f"{folder}/{image.name}", image=image, fields={"label": name}, target=name))
+    return examples
+
+
+def load_image_folder(data_dir: Path) -> Benchmark:
+    """`train/<class>/*` and `val/<class>/*`; class names from `classnames.txt`, ImageNet's names, or the folders."""
+    train = _require(data_dir / "train", "classification train folder")
+    folders = sorted(path.name for path in train.iterdir() if path.is_dir())
+    if not folders:
+        raise ValueError(f"{train} holds no class folders")
+    class_names = _class_names(data_dir, folders)
+    return Benchmark(pool=_image_folder(train, folders, class_names, data_dir),
+                     test=_image_folder(data_dir / "val", folders, class_names, data_dir),
+                     class_names=class_names)
+
+
+# -- HatefulMemes ----------------------------------------------------------------------------------------------------
+HATEFUL_MEMES_CLASSES = ["no", "yes"]
+
+
+def _hateful_memes_split(data_dir: Path, name: str) -> list[Example]:
+    path = _require(data_dir / name, "HatefulMemes annotations")
+    examples = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("label") not in (0, 1):
+                raise ValueError(f"{path}: sample {record.get('id')!r} has label {record.get('label')!r}; expected 0 or 1 "
+                                 "(the unlabelled test files cannot be evaluated)")
+            examples.append(Example(
+                id=record["id"],
+                image=data_dir / "img" / record["img"].split("/")[-1],
+                fields={"ocr": record["text"], "answer": HATEFUL_MEMES_CLASSES[record["label"]]},
+                target=record["label"],
+            ))
+    return _unique_ids(examples, path)
+
+
+def load_hateful_memes(data_dir: Path) -> Benchmark:
+    return Benchmark(pool=_hateful_memes_split(data_dir, "train.jsonl"),
+                     test=_hateful_memes_split(data_dir, "dev_seen.jsonl"),
+                     class_names=HATEFUL_MEMES_CLASSES)

@@ -1,0 +1,298 @@
+"""
+The few-shot evaluator: builds each sample's prompt from its demonstrations, runs the model in left-padded batches
+(generation, or ranking of class names on a reused KV cache), appends every sample's result to a log as it goes (an
+interrupted run resumes where it stopped), and writes the per-shot scores, per-sample predictions and a Markdown
+summary.
+"""
+
+import json
+import logging
+import os
+import random
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from otter.processing_otter import load_image
+from otter.prompts import few_shot_prompt
+
+from .datasets import Benchmark, Example
+from .demos import ImageEmbedder, random_demos, rices_demos
+from .tasks import Task, get_task
+
+logger = logging.getLogger(__name__)
+
+
+# -- model calls -----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_batch(model, processor, texts: list[str], images: list[list]) -> dict:
+    """
+    Left-padded `input_ids`, `attention_mask` `(B, T)` and the cross-attention `media_key_values`
+    `(B, blocks, media * latents, 2 * heads * dim_head)` of a batch. `images[b]` are the images (paths or PIL images)
+    of sample b in `<image>` order, with the same count for every sample. Each distinct image of the batch (by path,
+    or by object for PIL images) runs through the vision tower and perceiver once, however many samples show it.
+    """
+    counts = {len(sample) for sample in images}
+    if len(counts) != 1:
+        raise ValueError(f"every sample of a batch must hold the same number of images, got {sorted(counts)}")
+    tokenizer = processor.tokenizer
+    token_ids = tokenizer(texts)["input_ids"]
+    batch = tokenizer.pad({"input_ids": token_ids}, padding="longest", padding_side="left", return_tensors="pt")
+    keys = [[str(image) if isinstance(image, (str, os.PathLike)) else id(image) for image in sample] for sample in images]
+    unique = {}
+    for sample, sample_keys in zip(images, keys):
+        for image, key in zip(sample, sample_keys):
+            unique.setdefault(key, image)
+    pixel_values = processor.image_processor([load_image(image) for image in unique.values()],
+                                             return_tensors="pt")["pixel_values"]  # (U, C, H, W)
+    features = model.get_image_features(pixel_values[:, None, None].to(model.device))[:, 0]  # (U, latents, dim)
+    position = {key: index for index, key in enumerate(unique)}
+    index = torch.tensor([[position[key] for key in sample_keys] for sample_keys in keys], device=features.device)
+    return {
+        "input_ids": batch["input_ids"].to(model.device),
+        "attention_mask": batch["attention_mask"].to(model.device),
+        "media_key_values": model.get_media_key_values(features[index]),  # features[index]: (B, media, latents, dim)
+    }
+
+
+@torch.no_grad()
+def rank_classes(model, inputs: dict, class_token_ids: list[list[int]], classes_per_forward: int = 16) -> torch.Tensor:
+    """
+    The mean per-token log-probability of each class name continuing each prompt: `(B, num_classes)`.
+
+    The prompt runs once; its KV cache is repeated for `classes_per_forward` classes at a time, the class tokens
+    run against it, and the cache is cropped back to the prompt for the next classes. Class tokens are right-padded
+    within a group (padding comes after them, so causal attention keeps it out of their scores).
+    """
+    input_ids, attention_mask, media_key_values = inputs["input_ids"], inputs["attention_mask"], inputs["media_key_values"]
+    batch = input_ids.shape[0]
+    prompt = model(input_ids=input_ids, attention_mask=attention_mask, media_key_values=media_key_values,
+                   use_cache=True, logits_to_keep=1)
+    first_token_logprobs = prompt.logits[:, -1].float().log_softmax(-1)  # (B, vocab): predicts each class's 1st token
+    cache = prompt.past_key_values
+    group = min(classes_per_forward, len(class_token_ids))
+    cache.batch_repeat_interleave(group)  # row b * group + j: sample b, j-th class of the group
+    rows_mask = attention_mask.repeat_interleave(group, 0)
+    rows_media = media_key_values.repeat_interleave(group, 0)
+    rows_image = model.media_index(input_ids)[:, -1].repeat_interleave(group, 0)  # class tokens read the query image
+    rows_first = first_token_logprobs.repeat_interleave(group, 0)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    scores = []
+    for start in range(0, len(class_token_ids), group):
+        classes = class_token_ids[start:start + group]
+        classes = classes + [classes[0]] * (group - len(classes))  # the last group is filled up, its extra rows dropped
+        length = max(len(tokens) for tokens in classes)
+        tokens = torch.tensor([t + [pad_id] * (length - len(t)) for t in classes], device=input_ids.device)
+        tokens_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in classes], device=input_ids.device)
+        tokens, tokens_mask = tokens.repeat(batch, 1), tokens_mask.repeat(batch, 1)  # (B * group, length)
+        logits = model(input_ids=tokens, attention_mask=torch.cat([rows_mask, tokens_mask], 1), past_key_values=cache,
+                       media_key_values=rows_media, media_index=rows_image[:, None].expand(-1, length),
+                       use_cache=True).logits.float()  # (B * group, length, vocab)
+        cache.crop(-length)
+        # token t is predicted by position t - 1 of this pass, token 0 by the prompt's last position
+        logprobs = torch.cat([rows_first[:, None], logits[:, :-1].log_softmax(-1)], 1)
+        token_logprobs = logprobs.gather(-1, tokens[..., None]).squeeze(-1) * tokens_mask
+        mean = token_logprobs.sum(1) / tokens_mask.sum(1)
+        scores.append(mean.view(batch, group)[:, :len(class_token_ids[start:start + group])])
+    return torch.cat(scores, 1)
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------------
+def build_prompt(task: Task, example: Example, demos: list[Example], shots: int) -> tuple[str, list]:
+    """
+    A sample's prompt and its images. With `shots == 0` the demos are text-only (their `<image>` removed) and only
+    the query's image is given: OpenFlamingo's zero-shot protocol.
+    """
+    text = few_shot_prompt(task.prompt, [demo.fields for demo in demos], example.fields, text_only_demos=shots == 0)
+    images = ([demo.image for demo in demos] if shots > 0 else []) + [example.image]
+    return text, images
+
+
+# -- the resumable per-sample log ------------------------------------------------------------------------------------
+def _read_log(path: Path, settings: dict) -> dict:
+    """Records already in `path`, keyed by (shots, trial, sample id); checks they were made with `settings`."""
+    if not path.exists():
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(json.dumps({"settings": settings}) + "\n")
+        return {}
+    with open(path, "rb") as file:
+        content = file.read()
+    if not content.endswith(b"\n"):  # a run stopped in the middle of a line: drop the partial line
+        complete = content[: content.rfind(b"\n") + 1]
+        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+        with open(path, "wb") as file:
+            file.write(complete)
+        content = complete
+    lines = content.decode("utf-8").splitlines()
+    if not lines:
+        raise ValueError(f"{path} is empty; remove it, or choose another --out")
+    logged = json.loads(lines[0]).get("settings")
+    if logged != settings:
+        changed = sorted(key for key in set(logged or {}) | set(settings) if (logged or {}).get(key) != settings.get(key))
+        raise ValueError(
+            f"{path} holds results made with other settings (differing: {changed}); remove it to start over, "
+            "or choose another --out"
+        )
+    records = {}
+    for line in lines[1:]:
+        record = json.loads(line)
+        records[(record["shots"], record["trial"], record["id"])] = record
+    logger.info("%s: resuming with %d samples already evaluated", path, len(records))
+    return records
+
+
+# -- the evaluation --------------------------------------------------------------------------------------------------
+def evaluate(
+    model,
+    processor,
+    task: "str | Task",
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    shots: Sequence[int] = (0, 4, 8),
+    trials: int = 1,
+    seed: int = 42,
+    rices: bool = False,
+    rices_encoder=None,
+    rices_cache: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    num_samples: int | None = None,
+    query_set_size: int = 2048,
+    classes_per_forward: int = 16,
+) -> dict:
+    """
+    Evaluate `model` (an `OtterForConditionalGeneration`, in eval mode on its device) few-shot on `task` (a name in
+    `TASKS`, or a `Task`), reading the data set under `data_dir` in the layout eval/README.md documents.
+
+    For each number of `shots` and each of `trials` (trial t draws random demonstrations with seed `seed + t`;
+    `rices=True` retrieves them instead, by the image embeddings of `rices_encoder`, a (CLIP vision model, image
+    processor) pair (see `ImageEmbedder`; default: the model's own vision tower), cached under `rices_cache`
+    (default: `rices_cache/` next to `out`)),
+    the samples are evaluated in batches of `batch_size`. `num_samples` evaluates a seeded random subset of the split.
+
+    Writes `out` (JSON: settings, per-shot scores with mean and std over trials, per-sample predictions), the
+    Markdown summary next to it (`.md`), and the per-sample log (`.samples.jsonl`) from which an interrupted run with
+    the same arguments resumes. Returns the JSON's content.
+    """
+    task = get_task(task)
+    shots = list(shots)
+    if not shots or any(not isinstance(n, int) or n < 0 for n in shots):
+        raise ValueError(f"shots must be a non-empty list of integers >= 0, got {shots}")
+    for name, value in (("trials", trials), ("batch_size", batch_size), ("classes_per_forward", classes_per_forward)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if rices and trials > 1:
+        raise ValueError(f"RICES picks the same demonstrations in every trial; use trials=1 with rices=True, got {trials}")
+    if task.postprocess is not None:
+        task.postprocess("")  # fail now, not after the first batch, if post-processing lacks something (OK-VQA's NLTK data)
+
+    data_dir = Path(data_dir).resolve()
+    benchmark = task.load(data_dir)
+    test = benchmark.test
+    if num_samples is not None:
+        if not 0 < num_samples <= len(test):
+            raise ValueError(f"num_samples must be in [1, {len(test)}] (the split's size), got {num_samples}")
+        test = [test[i] for i in sorted(random.Random(seed).sample(range(len(test)), num_samples))]
+    if not test or not benchmark.pool:
+        raise ValueError(f"{task.name}: {len(test)} samples to evaluate and {len(benchmark.pool)} demonstrations under "
+                         f"{data_dir}; both must be non-empty")
+    logger.info("%s: %d samples to evaluate, %d demonstrations to draw from", task.name, len(test), len(benchmark.pool))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    embed = None
+    if rices:
+        vision_model, image_processor = rices_encoder or (model.vision_model, processor.image_processor)
+        embed = ImageEmbedder(vision_model, image_processor, cache_dir=rices_cache or out.parent / "rices_cache",
+                              batch_size=max(batch_size, 32))
+    settings = json.loads(json.dumps({
+        "task": task.name, "model": str(getattr(model, "name_or_path", "")), "data_dir": str(data_dir),
+        "seed": seed, "num_samples": num_samples, "query_set_size": query_set_size,
+        "rices": embed.fingerprint if embed else False,
+        "prompt": [task.prompt.template, task.prompt.separator], "zero_shot_demos": task.zero_shot_demos,
+        "generation": task.generation, "classes": benchmark.class_names,
+    }))
+    done = _read_log(out.with_suffix(".samples.jsonl"), settings)
+    if embed:
+        pool_embeddings = embed([example.image for example in benchmark.pool])
+        test_embeddings = embed([example.image for example in test])
+
+    class_token_ids = None
+    if task.ranks_classes:
+        class_token_ids = processor.tokenizer(benchmark.class_names, add_special_tokens=False)["input_ids"]
+        empty = [name for name, ids in zip(benchmark.class_names, class_token_ids) if not ids]
+        if empty:
+            raise ValueError(f"class names {empty} tokenize to nothing")
+
+    results = []
+    with open(out.with_suffix(".samples.jsonl"), "a", encoding="utf-8") as log:
+        for num_shots in shots:
+            demos_per_sample = num_shots or task.zero_shot_demos
+            trial_results = []
+            for trial in range(trials):
+                if rices:
+                    plan = rices_demos(test_embeddings, pool_embeddings, demos_per_sample)
+                else:
+                    plan = random_demos(len(benchmark.pool), len(test), demos_per_sample, seed + trial, query_set_size)
+                todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
+                progress = tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
+                                desc=f"{task.name} {num_shots}-shot trial {trial}")
+                for start in range(0, len(todo), batch_size):
+                    indices = todo[start:start + batch_size]
+                    records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
+                                         [plan[i] for i in indices], num_shots, class_token_ids, classes_per_forward)
+                    for record in records:
+                        record.update(shots=num_shots, trial=trial)
+                        log.write(json.dumps(record) + "\n")
+                        done[(num_shots, trial, record["id"])] = record
+                    log.flush()
+                    progress.update(len(indices))
+                progress.close()
+                records = [done[(num_shots, trial, example.id)] for example in test]
+                score, per_sample = task.score(test, records)
+                trial_results.append({"seed": None if rices else seed + trial, "score": score,
+                                      "predictions": [{**r, **extra} for r, extra in zip(records, per_sample)]})
+                logger.info("%s %d-shot trial %d: %s %.2f", task.name, num_shots, trial, task.metric, score)
+            scores = [trial["score"] for trial in trial_results]
+            results.append({"shots": num_shots, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                            "trials": trial_results})
+
+    report = {"task": task.name, "metric": task.metric, "settings": settings, "results": results}
+    with open(out, "w", encoding="utf-8") as file:
+        json.dump(report, file, indent=1)
+    out.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
+    return report
+
+
+def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: list[Example], plans: list[list[int]],
+               num_shots: int, class_token_ids, classes_per_forward: int) -> list[dict]:
+    """Per-sample records of one batch: id, demonstration ids, the model's output and the prediction."""
+    demos = [[benchmark.pool[j] for j in plan] for plan in plans]
+    prompts = [build_prompt(task, example, sample_demos, num_shots) for example, sample_demos in zip(examples, demos)]
+    inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts])
+    records = [{"id": example.id, "demos": [demo.id for demo in sample_demos]}
+               for example, sample_demos in zip(examples, demos)]
+    if task.ranks_classes:
+        logprobs = rank_classes(model, inputs, class_token_ids, classes_per_forward)  # (B, classes)
+        top = logprobs.topk(min(task.top_k, logprobs.shape[1]), dim=1)
+        for record, values, indices in zip(records, top.values.tolist(), top.indices.tolist()):
+            record["top"] = [[benchmark.class_names[i], value] for i, value in zip(indices, values)]
+            record["prediction"] = record["top"][0][0]
+        return records
+    sequences = model.generate(**inputs, do_sample=False, **task.generation)
+    outputs = processor.decode_answers(sequences, inputs["input_ids"].shape[1])
+    for record, output in zip(records, outputs):
+        record["output"] = output
+        record["prediction"] = task.postprocess(output)
+    return records
+
+
+def markdown_summary(report: dict) -> str:
+    """One row per number of shots: mean and standard deviation of the score over trials."""
+    lines = ["| task | shots | metric | mean | std | trials |", "|---|---:|---|---:|---:|---:|"]
+    for result in report["results"]:
+        lines.append(f"| {report['task']} | {result['shots']} | {report['metric']} | {result['mean']:.2f} | "
+                     f"{result['std']:.2f} | {len(result['trials'])} |")
+    return "\n".join(lines) + "\n"
