@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     from otter.conversion.cli import register as register_conversion
 
     register_conversion(commands)
+    from otter.train.cli import register as register_training
+
+    register_training(commands)
     return parser
 
 

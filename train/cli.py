@@ -1,0 +1,59 @@
+"""
+`otter train finetune|pretrain ...`: registered by otter/cli.py. Imports of torch-heavy modules wait until a command
+runs. Every flag maps to a `TrainingConfig` field; `--config YAML` sets any field, and flags given override it.
+Multi-process: `accelerate launch --config_file train/configs/ddp.yaml -m otter.cli train finetune ...`.
+"""
+
+import argparse
+
+COMMANDS = {
+    "finetune": ("instruction", "instruction-tune on custom JSONL or MIMIC-IT data (loss on answers only)"),
+    "pretrain": ("pretraining", "train on MMC4-style interleaved and LAION-style pair webdataset shards"),
+}
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    # defaults are None: an option not given leaves the YAML's value, or TrainingConfig's default
+    parser.add_argument("--model", help="Otter folder to start from")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="data files (see train/README.md)")
+    parser.add_argument("--out", help="output folder: checkpoints, metrics.jsonl, then the trained Otter folder")
+    parser.add_argument("--config", metavar="YAML", help="YAML of TrainingConfig fields; flags override it")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps to run")
+    parser.add_argument("--epochs", type=int, help="passes over the data (finetune; default 1 without --max-steps)")
+    parser.add_argument("--batch-size", type=int, help="examples per process per micro-batch (default 4)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--schedule", choices=["cosine", "constant"], help="after warmup (default cosine)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
+    parser.add_argument("--save-every", type=int, help="checkpoint period in steps (default 500)")
+    parser.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="mixed precision (weights stay fp32)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                        help="recompute activations in the backward pass to save memory")
+    parser.add_argument("--train-embeddings", action="store_true", default=None,
+                        help="also train the embedding rows of <image>, <|endofchunk|> and <answer> (only those)")
+    parser.add_argument("--lora", action="store_true", default=None, help="also train LoRA adapters on the LM")
+    parser.add_argument("--lora-output", choices=["merged", "adapter"],
+                        help="merge LoRA into the weights (default) or save it as out/lora-adapter")
+    parser.add_argument("--full", action="store_true", default=None, help="train every parameter of the model")
+    parser.add_argument("--max-length", type=int, help="tokens kept per instruction example (default 512)")
+    parser.add_argument("--seed", type=int, help="data order, augmentation and initialisation (default 42)")
+    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per process (default 2)")
+    parser.add_argument("--tensorboard", action="store_true", default=None, help="log to out/logs for TensorBoard")
+
+
+def register(commands) -> None:
+    train_parser = commands.add_parser("train", help="fine-tune or pretrain an Otter model (on accelerate)")
+    subcommands = train_parser.add_subparsers(dest="train_command", required=True)
+    for name, (objective, help_text) in COMMANDS.items():
+        parser = subcommands.add_parser(name, help=help_text, description=help_text)
+        _add_options(parser)
+        parser.set_defaults(func=run, objective=objective)
+
+
+def run(args: argparse.Namespace) -> None:
+    from .trainer import TrainingConfig, train
+
+    options = {name: value for name, value in vars(args).items()
+               if value is not None and name not in ("command", "train_command", "func", "config")}
+    train(TrainingConfig.load(args.config, **options))

@@ -1,0 +1,508 @@
+"""
+Training data: where examples come from, before tokenization.
+
+Every source turns its records into `Example`s (text with `<image>` markers, the images those markers stand for, and
+the kind of text, which decides the labels) or, for a record it cannot use, a `Skipped` that says why. Nothing is
+dropped silently: the trainer counts every `Skipped` and reports the counts.
+
+- `JsonlInstructions`: the custom instruction format, one JSON object per line (see train/README.md).
+- `MimicItInstructions`: MIMIC-IT's instruction JSON, its images (base64 JSON or parquet), its optional train config.
+- `web_examples`: MMC4-style interleaved documents and LAION-style image-text pairs from webdataset shards, following
+  OpenFlamingo's preprocessing rules (open_flamingo/train/data.py).
+"""
+
+import base64
+import binascii
+import io
+import json
+import logging
+import mmap
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from otter.processing_otter import load_image
+from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, OTTER_CHAT
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK, ANSWER_TOKEN)
+# what a broken or unreadable image raises in PIL (UnidentifiedImageError and truncation errors are OSErrors)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+INSTRUCTION = "instruction"  # labels: answer tokens and <|endofchunk|>
+INTERLEAVED = "interleaved"  # labels: OpenFlamingo's MMC4 rule
+PAIR = "pair"                # labels: OpenFlamingo's LAION rule
+KINDS = (INSTRUCTION, INTERLEAVED, PAIR)
+
+
+@dataclass
+class Example:
+    """
+    One training sequence before tokenization: `text` holds one `<image>` marker per entry of `images` (PIL images,
+    in marker order). `kind` is one of `KINDS`. `key` names the record in messages and seeds its random choices
+    (augmentation, OpenFlamingo's single-image coin) so they do not depend on the process or worker that reads it.
+    """
+
+    text: str
+    images: list
+    kind: str
+    key: str
+
+
+@dataclass
+class Skipped:
+    """A record that was not trained on: `reason` is what the trainer counts, `detail` says which record and why."""
+
+    reason: str
+    detail: str
+
+
+@dataclass
+class Turn:
+    """One instruction and its answer, with the images it refers to (file paths or image ids, loaded lazily)."""
+
+    instruction: str
+    answer: str
+    images: list = field(default_factory=list)
+
+
+def instruction_text(turns: list[Turn]) -> str:
+    """
+    Otter's training text: every turn in `OTTER_CHAT`'s format (`<image>User: {instruction} GPT:<answer> {answer}`
+    and `<|endofchunk|>`), in-context turns first, each followed by the template's separator as at inference
+    (`otter.prompts.few_shot_prompt`). A turn with several images starts with one `<image>` per image; a turn with
+    none has no marker.
+    """
+    parts = []
+    for turn in turns:
+        demo = OTTER_CHAT.demo(instruction=turn.instruction, answer=turn.answer)
+        parts.append(IMAGE_TOKEN * len(turn.images) + demo.removeprefix(IMAGE_TOKEN))
+    return OTTER_CHAT.separator.join(parts)
+
+
+def _special_token_in(*texts: str) -> str | None:
+    for text in texts:
+        for token in SPECIAL_TOKENS:
+            if token in text:
+                return token
+    return None
+
+
+def _check_turn(record, where: str) -> str | None:
+    """Why `record` is not a valid turn (a problem description), or None when it is."""
+    if not isinstance(record, dict):
+        return f"{where} is a {type(record).__name__}, expected a JSON object"
+    for name in ("instruction", "answer"):
+        if not isinstance(record.get(name), str) or not record[name].strip():
+            return f"{where} needs a non-empty string {name!r}, got {record.get(name)!r}"
+    token = _special_token_in(record["instruction"], record["answer"])
+    if token is not None:
+        return f"{where} holds the special token {token!r} in its text"
+    return None
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """Encoded image bytes -> upright RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return load_image(opened)
+
+
+def decode_base64(text: str | bytes) -> bytes:
+    """Standard or url-safe base64 (MIMIC-IT's parquet files use the url-safe alphabet), padding optional."""
+    if isinstance(text, str):
+        text = text.encode("ascii")
+    text = text.strip().translate(bytes.maketrans(b"-_", b"+/"))
+    return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
+
+
+# -- custom instruction JSONL -------------------------------------------------------------------------------------
+class JsonlInstructions:
+    """
+    Instruction data in JSON Lines, one example per line::
+
+        {"images": ["img/cat.jpg"], "instruction": "What animal is this?", "answer": "A cat.",
+         "context": [{"images": ["img/dog.jpg"], "instruction": "What animal is this?", "answer": "A dog."}]}
+
+    `images` (default none) are paths relative to the JSONL file; `context` (optional) lists in-context examples with
+    the same fields, placed before the query. Records are checked when the file is read: a malformed one is listed in
+    `malformed` and not trained on. Images are read when an example is asked for.
+    """
+
+    FIELDS = {"images", "instruction", "answer", "context"}
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.examples: list[list[Turn]] = []
+        self.line_numbers: list[int] = []
+        self.malformed: list[Skipped] = []
+        with open(self.path, encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                turns = self._parse(line, f"{self.path}:{line_number}")
+                if isinstance(turns, Skipped):
+                    logger.warning("skipping %s", turns.detail)
+                    self.malformed.append(turns)
+                else:
+                    self.examples.append(turns)
+                    self.line_numbers.append(line_number)
+
+    def _parse(self, line: str, where: str) -> list[Turn] | Skipped:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return Skipped("malformed record", f"{where}: not valid JSON ({error})")
+        problem = _check_turn(record, where)
+        if problem is None and set(record) - self.FIELDS:
+            problem = f"{where} has unexpected keys {sorted(set(record) - self.FIELDS)}; expected {sorted(self.FIELDS)}"
+        context = record.get("context", []) if problem is None else []
+        if problem is None and not isinstance(context, list):
+            problem = f"{where}: 'context' must be a list of examples, got {type(context).__name__}"
+        for index, item in enumerate(context if problem is None else []):
+            problem = _check_turn(item, f"{where} context[{index}]")
+            if problem is None and set(item) - (self.FIELDS - {"context"}):
+                problem = (f"{where} context[{index}] has unexpected keys "
+                           f"{sorted(set(item) - (self.FIELDS - {'context'}))}")
+            if problem is not None:
+                break
+        turns = []
+        for item in [*context, record] if problem is None else []:
+            images = item.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+                problem = f"{where}: 'images' must be a list of file paths, got {images!r}"
+                break
+            turns.append(Turn(item["instruction"], item["answer"], [self.path.parent / image for image in images]))
+        if problem is not None:
+            return Skipped("malformed record", problem)
+        return turns
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def example(self, index: int) -> Example | Skipped:
+        turns = self.examples[index]
+        key = f"{self.path}:{self.line_numbers[index]}"
+        images = []
+        for path in (path for turn in turns for path in turn.images):
+            try:
+                images.append(load_image(path))
+            except IMAGE_ERRORS as error:
+                return Skipped("unreadable image", f"{key}: image {path} could not be read ({error})")
+        return Example(instruction_text(turns), images, INSTRUCTION, key)
+
+
+# -- MIMIC-IT -----------------------------------------------------------------------------------------------------
+class JsonImageStore:
+    """
+    MIMIC-IT images as one JSON object `{image_id: base64}`, read lazily: the file is memory-mapped and indexed once
+    (id -> byte span of its base64 string), so a process holds offsets, not images, and the OS shares the pages.
+    """
+
+    # a JSON string member `"key": "value"`; the value's span is what the index keeps
+    MEMBER = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.spans: dict[str, tuple[int, int]] = {}
+        self._map = None
+        with open(self.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            start = re.match(rb"\s*", mapped).end()
+            if mapped[start:start + 1] != b"{":
+                raise ValueError(f"{self.path} is not a MIMIC-IT image JSON: expected an object {{image_id: base64}}")
+            for match in self.MEMBER.finditer(mapped):
+                self.spans[json.loads(b'"' + match.group(1) + b'"')] = match.span(2)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.spans
+
+    def __getstate__(self):  # DataLoader workers reopen the map themselves
+        return {**self.__dict__, "_map": None}
+
+    def base64(self, image_id: str) -> bytes:
+        if self._map is None:
+            with open(self.path, "rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        start, end = self.spans[image_id]
+        value = self._map[start:end]
+        return json.loads(b'"' + value + b'"').encode("ascii") if b"\\" in value else value
+
+
+class ParquetImageStore:
+    """
+    MIMIC-IT images in parquet: a `base64` column (url-safe base64) indexed by image id, as pandas writes a DataFrame
+    whose index holds the ids (the index column is found through the pandas metadata, else a column named `id`).
+    Only the id column is read up front; a row group is read when one of its images is asked for, and the last few
+    row groups are cached. Write files with small row groups (e.g. 64-256 rows) for fast random access.
+    """
+
+    CACHED_ROW_GROUPS = 4
+
+    def __init__(self, path: str | os.PathLike):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        parquet = pq.ParquetFile(self.path)
+        names = parquet.schema_arrow.names
+        id_column = "id"
+        pandas_meta = (parquet.schema_arrow.metadata or {}).get(b"pandas")
+        if pandas_meta is not None:
+            index_columns = [c for c in json.loads(pandas_meta).get("index_columns", []) if isinstance(c, str)]
+            if index_columns:
+                id_column = index_columns[0]
+        if "base64" not in names or id_column not in names:
+            raise ValueError(
+                f"{self.path} has columns {names}; a MIMIC-IT image parquet needs a 'base64' column and the image ids "
+                "as its pandas index (or an 'id' column)"
+            )
+        self.locations: dict[str, tuple[int, int]] = {}
+        for group in range(parquet.num_row_groups):
+            ids = parquet.read_row_group(group, columns=[id_column]).column(0).to_pylist()
+            for row, image_id in enumerate(ids):
+                self.locations[str(image_id)] = (group, row)
+        self._parquet = None
+        self._cache: OrderedDict[int, list] = OrderedDict()
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.locations
+
+    def __getstate__(self):
+        return {**self.__dict__, "_parquet": None, "_cache": OrderedDict()}
+
+    def base64(self, image_id: str) -> str:
+        group, row = self.locations[image_id]
+        if group not in self._cache:
+            if self._parquet is None:
+                import pyarrow.parquet as pq
+
+                self._parquet = pq.ParquetFile(self.path)
+            self._cache[group] = self._parquet.read_row_group(group, columns=["base64"]).column(0).to_pylist()
+            if len(self._cache) > self.CACHED_ROW_GROUPS:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(group)
+        return self._cache[group][row]
+
+
+def image_store(path: str | os.PathLike) -> JsonImageStore | ParquetImageStore:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return ParquetImageStore(path)
+    if path.suffix == ".json":
+        return JsonImageStore(path)
+    raise ValueError(f"MIMIC-IT images must be a .json or .parquet file, got {path}")
+
+
+class MimicItInstructions:
+    """
+    A MIMIC-IT subset: `<name>_instructions.json` (`{"meta": ..., "data": {ins_id: {"instruction", "answer",
+    "image_ids", "rel_ins_ids"}}}`), its images `<name>.parquet` or `<name>.json` beside it, and, when present,
+    `<name>_train.json` (`{ins_id: [in-context ins_ids]}`): then each key is one example, its in-context instructions
+    first. Without a train config every instruction is an example on its own. Each image id becomes one `<image>`.
+    """
+
+    SUFFIX = "_instructions.json"
+
+    def __init__(self, instructions_path: str | os.PathLike):
+        self.path = Path(instructions_path)
+        if not self.path.name.endswith(self.SUFFIX):
+            raise ValueError(f"a MIMIC-IT instruction file is named <name>{self.SUFFIX}, got {self.path.name}")
+        name = self.path.name.removesuffix(self.SUFFIX)
+        candidates = [self.path.with_name(name + suffix) for suffix in (".parquet", ".json")]
+        found = [candidate for candidate in candidates if candidate.exists()]
+        if len(found) != 1:
+            raise ValueError(
+                f"{self.path} needs exactly one image file beside it, {candidates[0].name} or {candidates[1].name}; "
+                f"found {[f.name for f in found] or 'none'}"
+            )
+        self.images = image_store(found[0])
+        with open(self.path, encoding="utf-8") as file:
+            document = json.load(file)
+        if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+            raise ValueError(f"{self.path} is not a MIMIC-IT instruction file: expected {{'meta': ..., 'data': {{...}}}}")
+        instructions = document["data"]
+        train_config_path = self.path.with_name(name + "_train.json")
+        if train_config_path.exists():
+            with open(train_config_path, encoding="utf-8") as file:
+                train_config = json.load(file)
+            if not isinstance(train_config, dict):
+                raise ValueError(f"{train_config_path} must map instruction ids to lists of in-context ids")
+        else:
+            train_config = {ins_id: [] for ins_id in instructions}
+        self.examples: list[tuple[str, list[Turn]]] = []
+        self.malformed: list[Skipped] = []
+        for ins_id, context_ids in train_config.items():
+            turns = self._turns(instructions, ins_id, context_ids)
+            if isinstance(turns, Skipped):
+                logger.warning("skipping %s", turns.detail)
+                self.malformed.append(turns)
+            else:
+                self.examples.append((ins_id, turns))
+
+    def _turns(self, instructions: dict, ins_id: str, context_ids) -> list[Turn] | Skipped:
+        where = f"{self.path.name}:{ins_id}"
+        if not isinstance(context_ids, list):
+            return Skipped("malformed record", f"{where}: in-context ids must be a list, got {context_ids!r}")
+        turns = []
+        for turn_id in [*context_ids, ins_id]:
+            record = instructions.get(turn_id)
+            if record is None:
+                return Skipped("malformed record", f"{where}: instruction {turn_id!r} is not in the instruction file")
+            problem = _check_turn(record, f"{where} ({turn_id})")
+            image_ids = record.get("image_ids", []) if isinstance(record, dict) else None
+            if problem is None and (not isinstance(image_ids, list) or not all(isinstance(i, str) for i in image_ids)):
+                problem = f"{where} ({turn_id}): 'image_ids' must be a list of ids, got {image_ids!r}"
+            missing = [i for i in image_ids if i not in self.images] if problem is None else []
+            if missing:
+                problem = f"{where} ({turn_id}): image ids {missing[:3]} are not in {self.images.path.name}"
+            if problem is not None:
+                return Skipped("malformed record", problem)
+            turns.append(Turn(record["instruction"], record["answer"], list(image_ids)))
+        return turns
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def example(self, index: int) -> Example | Skipped:
+        ins_id, turns = self.examples[index]
+        key = f"{self.path.name}:{ins_id}"
+        images = []
+        for image_id in (image_id for turn in turns for image_id in turn.images):
+            try:
+                images.append(decode_image_bytes(decode_base64(self.images.base64(image_id))))
+            except (*IMAGE_ERRORS, binascii.Error) as error:
+                return Skipped("unreadable image", f"{key}: image {image_id} could not be decoded ({error})")
+        return Example(instruction_text(turns), images, INSTRUCTION, key)
+
+
+def instruction_source(path: str | os.PathLike) -> JsonlInstructions | MimicItInstructions:
+    """A data file given to `otter train finetune`: custom JSONL (`*.jsonl`) or MIMIC-IT (`*_instructions.json`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        return JsonlInstructions(path)
+    if path.name.endswith(MimicItInstructions.SUFFIX):
+        return MimicItInstructions(path)
+    raise ValueError(
+        f"cannot tell the format of {path}: instruction data is custom JSONL (*.jsonl) or MIMIC-IT "
+        f"(<name>{MimicItInstructions.SUFFIX} with its images beside it)"
+    )
+
+
+# -- web data (OpenFlamingo's MMC4 and LAION preprocessing) -------------------------------------------------------
+@dataclass
+class WebDataOptions:
+    """
+    OpenFlamingo's preprocessing knobs for web data (defaults as its README's training command).
+
+    similarity_threshold: an MMC4 image is kept when its best CLIP similarity to a sentence reaches this.
+    max_images / min_images: an MMC4 document keeps its first `max_images` images; one left with fewer than
+        `min_images` `<image>` markers after truncation is skipped.
+    min_image_bytes: MMC4 images smaller than this are dropped (OpenFlamingo keeps images with `bytes // 1000 > 10`).
+    single_image_keep_prob: OpenFlamingo keeps half of the MMC4 documents that end up with a single image.
+    max_tokens_interleaved / max_tokens_pair: truncation lengths (256 for MMC4, 32 for LAION).
+    shuffle_buffer: samples shuffled in a buffer of this size after the shards are shuffled.
+    """
+
+    similarity_threshold: float = 0.24
+    max_images: int = 6
+    min_images: int = 1
+    min_image_bytes: int = 11_000
+    single_image_keep_prob: float = 0.5
+    max_tokens_interleaved: int = 256
+    max_tokens_pair: int = 32
+    shuffle_buffer: int = 1000
+
+
+def mmc4_example(document: dict, key: str, options: WebDataOptions, eos_token: str) -> Example | Skipped:
+    """
+    An MMC4 document (`text_list`, `image_info[i].image_base64`, `similarity_matrix` images x sentences) as
+    OpenFlamingo builds it: each image goes before the sentence it is most similar to, as `<|endofchunk|><image>`,
+    if that similarity reaches the threshold and the image is large enough; the first `<|endofchunk|>` is removed,
+    spaces around markers are trimmed, and the text ends with `<|endofchunk|>` and the eos token.
+
+    One change from OpenFlamingo: images are ordered by the sentence they precede, so the i-th marker always gets the
+    i-th image (OpenFlamingo keeps `image_info` order, which pairs markers with the wrong images when that order
+    differs from the text's).
+    """
+    if not document.get("image_info"):
+        return Skipped("no usable images", f"{key}: the document has no images")
+    try:
+        sentences = list(document["text_list"])
+        image_info = list(document["image_info"])
+        similarity = np.asarray(document["similarity_matrix"], dtype=np.float64).reshape(len(image_info), -1)
+        if not all(isinstance(sentence, str) for sentence in sentences):
+            raise TypeError("text_list must hold strings")
+        if image_info and similarity.shape[1] != len(sentences):
+            raise ValueError(f"similarity_matrix has {similarity.shape[1]} columns for {len(sentences)} sentences")
+    except (KeyError, TypeError, ValueError) as error:
+        return Skipped("malformed record", f"{key}: not an MMC4 document ({error!r})")
+    if _special_token_in(*sentences):
+        return Skipped("malformed record", f"{key}: the text holds the special token {_special_token_in(*sentences)!r}")
+    placed = []  # (sentence index, order in image_info, image)
+    for order, (info, scores) in enumerate(zip(image_info, similarity)):
+        if not isinstance(info, dict) or "image_base64" not in info:
+            continue
+        try:
+            raw = decode_base64(info["image_base64"])
+        except (binascii.Error, ValueError, TypeError) as error:
+            return Skipped("unreadable image", f"{key}: image {order} is not base64 ({error})")
+        sentence = int(np.argmax(scores))
+        if len(raw) < options.min_image_bytes or scores[sentence] < options.similarity_threshold:
+            continue
+        try:
+            placed.append((sentence, order, decode_image_bytes(raw)))
+        except IMAGE_ERRORS as error:
+            return Skipped("unreadable image", f"{key}: image {order} could not be decoded ({error})")
+    if not placed:
+        return Skipped("no usable images", f"{key}: no image passed the size and similarity filters")
+    placed = sorted(placed[: options.max_images], key=lambda item: (item[0], item[1]))
+    for sentence, _, _ in placed:
+        sentences[sentence] = f"{END_OF_CHUNK}{IMAGE_TOKEN}{sentences[sentence]}"
+    text = " ".join(sentences).replace(END_OF_CHUNK, "", 1)
+    text = text.replace(f" {END_OF_CHUNK}", END_OF_CHUNK).replace(f"{IMAGE_TOKEN} ", IMAGE_TOKEN)
+    text = text.replace(f" {IMAGE_TOKEN}", IMAGE_TOKEN)
+    return Example(f"{text}{END_OF_CHUNK}{eos_token}", [image for _, _, image in placed], INTERLEAVED, key)
+
+
+def laion_example(image_bytes: bytes, caption: bytes, key: str, eos_token: str) -> Example | Skipped:
+    """An image-caption pair as OpenFlamingo builds it: `<image>{caption}<|endofchunk|>{eos}`."""
+    try:
+        caption = caption.decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        return Skipped("malformed record", f"{key}: caption is not UTF-8 ({error})")
+    if _special_token_in(caption):
+        return Skipped("malformed record", f"{key}: the caption holds the special token {_special_token_in(caption)!r}")
+    try:
+        image = decode_image_bytes(image_bytes)
+    except IMAGE_ERRORS as error:
+        return Skipped("unreadable image", f"{key}: image could not be decoded ({error})")
+    return Example(f"{IMAGE_TOKEN}{caption}{END_OF_CHUNK}{eos_token}", [image], PAIR, key)
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def web_example(sample: dict, options: WebDataOptions, eos_token: str) -> Example | Skipped:
+    """One webdataset sample: `json` holding an MMC4 document, or an image (`jpg`/`jpeg`/`png`/`webp`) with `txt`."""
+    key = f"{sample.get('__url__')}:{sample.get('__key__')}"
+    if "json" in sample:
+        try:
+            document = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return Skipped("malformed record", f"{key}: json is not valid JSON ({error})")
+        if not isinstance(document, dict):
+            return Skipped("malformed record", f"{key}: json holds a {type(document).__name__}, not an MMC4 document")
+        if "is_gpt" in document:
+            return Skipped("unsupported record", f"{key}: ChatGPT-generated sequences (is_gpt) are not supported")
+        return mmc4_example(document, key, options, eos_token)
+    image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
+    if image_key is not None and "txt" in sample:
+        return laion_example(sample[image_key], sample["txt"], key, eos_token)
+    fields = sorted(name for name in sample if not name.startswith("__"))
+    return Skipped("malformed record", f"{key}: neither an MMC4 document (json) nor an image-text pair; has {fields}")

@@ -1,0 +1,586 @@
+"""
+The training loop, on accelerate: one process or many (DDP, FSDP, DeepSpeed), whatever `accelerate launch` set up.
+
+`train(TrainingConfig(...))` loads an Otter folder, trains what the config says (perceiver and cross-attention by
+default; the new tokens' embedding rows; LoRA on the language model; or everything), and writes an Otter folder that
+`from_pretrained` loads. Along the way it writes `metrics.jsonl` (one line per optimizer step) and, every
+`save_every` steps, an atomic checkpoint `checkpoints/step-N` (trained weights, optimizer, scheduler, RNG states and
+the data position) from which `resume=True` continues the very same loss curve.
+
+The loss of a step is the mean token cross-entropy over the whole global batch (all processes, all accumulated
+micro-batches), so a run gives the same updates on 1 or N processes with the same global batch.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from otter import OtterForConditionalGeneration, OtterProcessor
+from otter.prompts import ANSWER_TOKEN
+
+from .collate import IGNORE_INDEX, Collator
+from .data import WebDataOptions
+from .loaders import InstructionData, WebData
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTION, PRETRAINING = "instruction", "pretraining"
+PRECISIONS = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
+LORA_OUTPUTS = ("merged", "adapter")
+CROSS_ATTENTION = "gated_cross_attn_layer"  # OpenFlamingo decays these parameters' weights, and only these
+# what may differ between a run and its resumption: how long it runs, how it reports, how fast it reads, and the lr
+RESUMABLE_CHANGES = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "tensorboard",
+                     "num_workers", "resume", "precision", "lr"}
+
+
+@dataclass
+class TrainingConfig:
+    """
+    Everything a run needs; `otter train finetune|pretrain` fills it from the command line and `--config` YAML.
+
+    model / data / out: the Otter folder to start from, the data files (instruction files for the `instruction`
+        objective, webdataset shards for `pretraining`), the output folder.
+    max_steps / epochs: optimizer steps to run; `epochs` (instruction data only) counts passes over the data, and
+        when both are given the run stops at the first reached. Without either, one epoch.
+    batch_size: examples per process per micro-batch; grad_accum micro-batches make a step, so the global batch is
+        `batch_size * processes * grad_accum`.
+    lr / schedule / warmup_steps: AdamW's peak learning rate, `cosine` (to 0) or `constant`, after a linear warmup.
+    weight_decay: applied to the gated cross-attention blocks only, as OpenFlamingo; max_grad_norm: clipping.
+    precision: `bf16`, `fp16` (autocast; weights stay fp32) or `fp32`; None keeps accelerate's setting.
+    What trains: the perceiver and cross-attention always; `train_embeddings` adds the embedding rows of the tokens
+        Otter adds (`<image>`, `<|endofchunk|>`, `<answer>`), and only those rows; `lora` adds LoRA adapters on the
+        language model's attention (`lora_target_modules` overrides peft's choice per family), written `merged` into
+        the weights or as an `adapter` folder (`lora_output`); `full` trains every parameter.
+    max_length: tokens kept per instruction example (right truncation); web data use `web`'s OpenFlamingo options.
+    augment: random horizontal flips (OpenFlamingo's augmentation); None means on for pretraining, off otherwise.
+    save_every / keep_checkpoints / resume: checkpoint period, how many to keep, continue from the latest one.
+    """
+
+    model: str | None = None
+    data: list[str] = field(default_factory=list)
+    out: str | None = None
+    objective: str = INSTRUCTION
+    max_steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: str | None = None
+    gradient_checkpointing: bool = False
+    train_embeddings: bool = False
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    lora_output: str = "merged"
+    full: bool = False
+    max_length: int = 512
+    augment: bool | None = None
+    web: WebDataOptions = field(default_factory=WebDataOptions)
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 42
+    num_workers: int = 2
+    log_every: int = 10
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.web, dict):
+            self.web = _dataclass_from_dict(WebDataOptions, self.web, "web")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        for name in ("model", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"a training run needs {name!r} (--{name})")
+        if not self.data:
+            raise ValueError("a training run needs data files (--data)")
+        choices = {"objective": (INSTRUCTION, PRETRAINING), "schedule": tuple(SCHEDULES),
+                   "precision": (None, *PRECISIONS), "lora_output": LORA_OUTPUTS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError(
+                f"expected lr > 0, warmup_steps >= 0, weight_decay >= 0, max_grad_norm > 0; got lr={self.lr}, "
+                f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm}"
+            )
+        if self.full and self.lora:
+            raise ValueError("choose full (train every parameter) or lora (adapters on the language model), not both")
+        if self.objective == PRETRAINING and self.max_steps is None:
+            raise ValueError("pretraining streams webdataset shards without a known length: give max_steps")
+        if self.objective == PRETRAINING and self.epochs is not None:
+            raise ValueError("epochs counts passes over instruction data; pretraining runs for max_steps")
+        if self.augment is None:
+            self.augment = self.objective == PRETRAINING
+
+    @classmethod
+    def load(cls, yaml_path: str | os.PathLike | None = None, **overrides) -> "TrainingConfig":
+        """A config from a YAML file of field names (optional), with `overrides` (e.g. command-line flags) on top."""
+        values = {}
+        if yaml_path is not None:
+            import yaml
+
+            with open(yaml_path, encoding="utf-8") as file:
+                values = yaml.safe_load(file) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{yaml_path} must hold a mapping of training options, got {type(values).__name__}")
+        return _dataclass_from_dict(cls, {**values, **overrides}, str(yaml_path or "config"))
+
+
+def _dataclass_from_dict(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; expected some of {sorted(names)}")
+    return cls(**values)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing of that step was applied or saved."""
+
+
+# -- the model and what trains ------------------------------------------------------------------------------------
+def add_answer_token(model: OtterForConditionalGeneration, tokenizer) -> bool:
+    """
+    Adds `<answer>` when the tokenizer lacks it, as the last token of the vocabulary (id `len(tokenizer)`), so it
+    never takes a row that a token was trained with. Its embedding rows (input, and output when untied) start as the
+    mean of the existing tokens' rows. Returns whether the token was added.
+    """
+    if ANSWER_TOKEN in tokenizer.get_vocab():
+        return False
+    owned = len(tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": [ANSWER_TOKEN]}, replace_extra_special_tokens=False)
+    answer_id = tokenizer.convert_tokens_to_ids(ANSWER_TOKEN)
+    if answer_id != owned:
+        raise RuntimeError(f"{ANSWER_TOKEN} got id {answer_id}, expected the end of the vocabulary ({owned})")
+    if model.get_input_embeddings().num_embeddings <= answer_id:
+        model.resize_token_embeddings(answer_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in _embedding_weights(model):
+            embedding[answer_id] = embedding[:owned].mean(0)
+    logger.info("added %s to the vocabulary as token %d", ANSWER_TOKEN, answer_id)
+    return True
+
+
+def _embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input embedding matrix, and the output one when it is a separate tensor."""
+    weights = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not weights[0]:
+        weights.append(output.weight)
+    return weights
+
+
+def lora_target_pattern(model: OtterForConditionalGeneration, module_names: list[str] | None) -> str:
+    """
+    A regex (peft full-matches it against module names) for the language model's own layers named `module_names`
+    (default: peft's choice for the family), inside the decoder layers, never in the cross-attention blocks or CLIP.
+    """
+    if module_names is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        model_type = model.config.text_config.model_type
+        if model_type not in DEFAULTS:
+            raise ValueError(f"peft has no default LoRA modules for {model_type!r}: set lora_target_modules")
+        module_names = DEFAULTS[model_type]
+    names = "|".join(map(str, module_names))
+    return rf"language_model\..*\.decoder_layer\.(?:.*\.)?(?:{names})"
+
+
+def configure_training(model: OtterForConditionalGeneration, config: TrainingConfig, new_token_ids: list[int]):
+    """
+    Sets what trains and returns the module to train (the model, or a peft model around it with LoRA).
+    `new_token_ids`: the rows of the embeddings that `train_embeddings` trains; a gradient hook zeroes the others.
+    """
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=lora_target_pattern(model, config.lora_target_modules))
+        trained = get_peft_model(model, lora)
+    else:
+        trained = model
+    if config.full:
+        model.requires_grad_(True)
+        return trained
+    model.freeze_backbones(train_embeddings=config.train_embeddings)
+    if config.lora:
+        for name, parameter in trained.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(True)
+    if config.train_embeddings:
+        for weight in _embedding_weights(model):
+            keep = torch.zeros(weight.shape[0], 1)
+            keep[new_token_ids] = 1
+            weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
+    return trained
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the gated cross-attention blocks' parameters (OpenFlamingo), none elsewhere."""
+    decayed, other = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decayed if CROSS_ATTENTION in name else other).append(parameter)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of `batch` (labels `(batch, length)`, -100 ignored)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch.get("pixel_values"), use_cache=False).logits
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+def _trainable_names(module: torch.nn.Module) -> set[str]:
+    return {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+
+
+def _keep_trainable_weights(models, weights, output_dir):
+    """accelerate save hook: a checkpoint holds the trained parameters, not the frozen backbones."""
+    for index, model in enumerate(models):
+        names = _trainable_names(model)
+        weights[index] = {name: tensor for name, tensor in weights[index].items() if name in names}
+
+
+def _load_trainable_weights(models, input_dir):
+    """accelerate load hook: the counterpart of `_keep_trainable_weights`, accounting for every key."""
+    for index, model in enumerate(models):
+        path = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
+        saved = load_file(path)
+        parameters = dict(model.named_parameters())
+        expected = _trainable_names(model)
+        if set(saved) != expected:
+            raise ValueError(
+                f"checkpoint {path} does not match what this run trains: missing {sorted(expected - set(saved))[:5]}, "
+                f"unexpected {sorted(set(saved) - expected)[:5]}"
+            )
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                parameters[name].copy_(tensor)
+    models.clear()  # loaded here; accelerate must not load them again
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint folder is renamed into place only once complete)."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if path.is_dir() and path.name.startswith("step-")
+             and (path / "trainer_state.json").exists()]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step-")))
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Writes `checkpoints/step-N` atomically: into a temporary folder, renamed when complete; keeps the last `keep`."""
+    folder = out / "checkpoints"
+    final = folder / f"step-{step}"
+    temporary = folder / f".step-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():
+            raise RuntimeError(f"{final} exists already; it would be overwritten")
+        os.replace(temporary, final)
+        for old in checkpoints_in(out)[:-keep]:
+            shutil.rmtree(old)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def _check_output_folder(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to write into a used folder without `resume`."""
+    found = checkpoints_in(out)
+    if resume:
+        if not found:
+            logger.warning("resume: no checkpoint in %s, starting from the beginning", out / "checkpoints")
+        return found[-1] if found else None
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} is not empty: pass resume to continue its run, or choose another folder")
+    return None
+
+
+def _check_resumable(saved: dict, config: TrainingConfig, checkpoint: Path) -> None:
+    current = dataclasses.asdict(config)
+    changed = sorted(name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name])
+    if changed:
+        details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
+        raise ValueError(
+            f"cannot resume {checkpoint} with a different run ({details}); only {sorted(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def _build_data(config: TrainingConfig, processor, accelerator: Accelerator):
+    collator = Collator(processor, max_length=config.max_length, web=config.web, augment=config.augment,
+                        seed=config.seed)
+    common = dict(batch_size=config.batch_size, seed=config.seed, rank=accelerator.process_index,
+                  world_size=accelerator.num_processes, num_workers=config.num_workers)
+    if config.objective == INSTRUCTION:
+        return InstructionData(config.data, collator, **common)
+    return WebData(config.data, collator, config.web, processor.tokenizer.eos_token or "", **common)
+
+
+def _total_steps(config: TrainingConfig, batches_per_epoch: int | None) -> int:
+    steps = [config.max_steps] if config.max_steps is not None else []
+    if batches_per_epoch is not None and (config.epochs is not None or not steps):
+        steps.append(math.ceil((config.epochs or 1) * batches_per_epoch / config.grad_accum))
+    return min(steps)
+
+
+def _configure_backend(accelerator: Accelerator, config: TrainingConfig) -> None:
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        sharded = plugin.zero_stage == 3
+        # the DataLoaders are ours, not accelerate's: tell DeepSpeed the micro-batch and the clipping
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+        plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    if sharded and (config.lora or config.train_embeddings):
+        raise ValueError(
+            "lora and train_embeddings need whole parameters on each process (DDP or DeepSpeed ZeRO-1/2); "
+            "this launch shards them (FSDP or ZeRO-3)"
+        )
+
+
+def train(config: TrainingConfig) -> Path:
+    """Runs the training `config` describes and returns the output folder, an Otter folder (see module doc)."""
+    out = Path(config.out)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=PRECISIONS[config.precision] if config.precision else None,
+        log_with="tensorboard" if config.tensorboard else None,
+        project_dir=out,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    _configure_backend(accelerator, config)
+    main = accelerator.is_main_process
+    resume_from = _check_output_folder(out, config.resume)
+    accelerator.wait_for_everyone()  # every process looked at `out` before anything is written there
+    set_seed(config.seed)
+
+    model = OtterForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
+    processor = OtterProcessor.from_pretrained(config.model)
+    if config.objective == INSTRUCTION:
+        add_answer_token(model, processor.tokenizer)
+    new_tokens = [processor.image_token_id, processor.eoc_token_id]
+    if ANSWER_TOKEN in processor.tokenizer.get_vocab():
+        new_tokens.append(processor.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN))
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    trained = configure_training(model, config, new_tokens)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+
+    data = _build_data(config, processor, accelerator)
+    total_steps = _total_steps(config, data.batches_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
+    scheduler = get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=total_steps)
+    trained, optimizer = accelerator.prepare(trained, optimizer)
+    if accelerator.gradient_accumulation_steps != config.grad_accum:
+        raise ValueError(
+            f"the launch configuration accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+            f"grad_accum is {config.grad_accum}; set them alike (DeepSpeed: gradient_accumulation_steps: auto)"
+        )
+    # the scheduler steps once per optimizer step: not prepared (accelerate would step it once per process)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(_keep_trainable_weights)
+    accelerator.register_load_state_pre_hook(_load_trainable_weights)
+
+    step, skipped_before = 0, Counter()
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        _check_resumable(saved["config"], config, resume_from)
+        accelerator.load_state(resume_from)
+        step, skipped_before = saved["step"], Counter(saved["skipped"])
+        if saved["config"]["lr"] != config.lr:
+            scheduler.base_lrs = [config.lr] * len(scheduler.base_lrs)
+            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["lr"] = config.lr * factor(scheduler.last_epoch)
+        logger.info("resumed from %s at step %d", resume_from, step)
+
+    malformed = Counter(skipped.reason for skipped in data.malformed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info(
+            "training %s parameters of %s for %d steps: %d process(es) x batch %d x %d accumulation = %d examples/step",
+            f"{trainable:,}", config.model, total_steps, accelerator.num_processes, config.batch_size,
+            config.grad_accum, accelerator.num_processes * config.batch_size * config.grad_accum,
+        )
+        if malformed:
+            logger.warning("%d malformed records in the data files are not trained on", sum(malformed.values()))
+    if config.tensorboard:
+        accelerator.init_trackers("logs", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    metrics = _MetricsFile(out / "metrics.jsonl", keep_until=step) if main else None
+
+    skipped = Counter()
+    stream = data.stream(start=step * config.grad_accum)
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"otter train ({config.objective})",
+               dynamic_ncols=True)
+    trained.train()
+    while step < total_steps:
+        started = time.perf_counter()
+        group = [next(stream) for _ in range(config.grad_accum)]
+        for batch in group:
+            skipped.update(batch["skipped"])
+        local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["num_examples"]),
+                              sum(b["num_examples"] for b in group)], device=accelerator.device)
+        tokens, examples = accelerator.reduce(local, "sum").tolist()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for batch in group:
+            with accelerator.accumulate(trained):
+                if batch["num_examples"]:
+                    batch_loss = token_loss_sum(trained, _to_device(batch, accelerator.device))
+                    # accelerate divides by grad_accum and DDP averages over processes: undo both, so the gradient
+                    # is that of the mean over the global batch's tokens
+                    scale = accelerator.num_processes * config.grad_accum / max(tokens, 1)
+                    accelerator.backward(batch_loss * scale)
+                    loss_sum += batch_loss.detach()
+                else:  # every record of this micro-batch was skipped: join the gradient exchange with zeros
+                    accelerator.backward(sum(p.sum() * 0.0 for p in trained.parameters() if p.requires_grad))
+        loss = accelerator.reduce(loss_sum, "sum").item() / max(tokens, 1)
+        if not math.isfinite(loss):
+            last = checkpoints_in(out)
+            raise NonFiniteLossError(
+                f"the loss is {loss} at step {step + 1}; training stopped before applying it. "
+                + (f"The last good checkpoint is {last[-1]}: continue from it with --resume (a lower --lr, or "
+                   "--precision bf16 instead of fp16, often helps)." if last else "No checkpoint was saved yet.")
+            )
+        grad_norm = None
+        if tokens:
+            grad_norm = accelerator.clip_grad_norm_(trained.parameters(), config.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+        else:
+            logger.warning("step %d: every record of the global batch was skipped; no update", step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        lr = scheduler.get_last_lr()[0]
+        samples_per_s = examples / (time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        record = {"step": step, "loss": loss, "lr": lr, "examples": int(examples), "tokens": int(tokens),
+                  "samples_per_s": samples_per_s,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        if metrics is not None:
+            metrics.write(record)
+        if config.tensorboard:
+            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+        if main and (step % config.log_every == 0 or step == total_steps):
+            logger.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, total_steps, loss, lr, samples_per_s)
+        if step % config.save_every == 0:
+            save_checkpoint(accelerator, out, step, _trainer_state(step, config, skipped_before, skipped),
+                            config.keep_checkpoints)
+    bar.close()
+
+    state = _trainer_state(step, config, skipped_before, skipped)
+    state["malformed_when_read"] = dict(malformed)
+    _save_output(accelerator, trained, processor, config, out, state)
+    if main:
+        counts = Counter(state["skipped"]) + malformed
+        if counts:
+            logger.warning("records not trained on: %s (total %d)",
+                           ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())), sum(counts.values()))
+        logger.info("wrote %s after %d steps", out, step)
+    if config.tensorboard:
+        accelerator.end_training()
+    return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def _trainer_state(step: int, config: TrainingConfig, before: Counter, local: Counter) -> dict:
+    """
+    What a checkpoint records besides the tensors: the step (hence the data position: `step * grad_accum`
+    micro-batches per process), the records skipped while training, on all processes, and the config.
+    """
+    skipped = Counter(before)
+    for counts in gather_object([dict(local)]):  # a collective: every process calls this at the same step
+        skipped.update(counts)
+    return {"step": step, "skipped": dict(skipped), "config": dataclasses.asdict(config)}
+
+
+class _MetricsFile:
+    """`metrics.jsonl`, one JSON line per optimizer step; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def _save_output(accelerator: Accelerator, trained, processor, config: TrainingConfig, out: Path, state: dict):
+    """The final Otter folder: written beside `out` in a temporary folder, then its files moved into `out`."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(trained)
+    state_dict = None if config.lora else accelerator.get_state_dict(trained)  # a collective under FSDP / ZeRO-3
+    if accelerator.is_main_process:
+        temporary = out / ".final.partial"
+        shutil.rmtree(temporary, ignore_errors=True)
+        if config.lora and config.lora_output == "adapter":
+            unwrapped.save_pretrained(temporary / "lora-adapter")
+            unwrapped.unload().save_pretrained(temporary)
+        elif config.lora:
+            unwrapped.merge_and_unload().save_pretrained(temporary)
+        else:
+            unwrapped.save_pretrained(temporary, state_dict=state_dict)
+        processor.save_pretrained(temporary)
+        (temporary / "training_summary.json").write_text(json.dumps(state, indent=2))
+        for entry in temporary.iterdir():
+            destination = out / entry.name
+            if destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+        temporary.rmdir()
+    accelerator.wait_for_everyone()
+
+
+__all__ = ["TrainingConfig", "train", "NonFiniteLossError", "add_answer_token", "configure_training",
+           "parameter_groups", "save_checkpoint", "checkpoints_in"]
