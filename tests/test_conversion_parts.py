@@ -164,3 +164,23 @@ def test_command_line(vision, tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="OpenFlamingo-4B-vitl-rpj3b was trained with cross_attn_every_n_layers=2, not 1"):
         main(["convert", "openflamingo", "--preset", "OpenFlamingo-4B-vitl-rpj3b", "--cross-attn-every-n-layers", "1",
               "--out", str(tmp_path / "x")])
+
+
+def test_hub_ids_resolve_through_the_local_cache_offline(vision, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "models--tiny--neox" / "snapshots" / "0123abcd"
+    write_language_model(snapshot, "gpt_neox")
+    (tmp_path / "hub" / "models--tiny--neox" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--neox" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    reference, _, _ = reference_model(*vision, snapshot, 2, monkeypatch)
+    torch.save(released_checkpoint(reference), tmp_path / "checkpoint.pt")
+    convert_openflamingo(tmp_path / "otter", checkpoint=str(tmp_path / "checkpoint.pt"), lang_encoder="tiny/neox",
+                         tokenizer="tiny/neox", vision_encoder=str(vision[0]), vision_pretrained=str(vision[1]))
+    load(tmp_path / "otter")
+    with pytest.raises(FileNotFoundError, match="not-a-folder: no such folder"):
+        convert_openflamingo(tmp_path / "other", checkpoint=str(tmp_path / "checkpoint.pt"),
+                             lang_encoder="./not-a-folder", vision_encoder=str(vision[0]),
+                             vision_pretrained=str(vision[1]))
