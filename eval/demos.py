@@ -67,7 +67,7 @@ class ImageEmbedder:
         self.batch_size = batch_size
         digest = hashlib.sha256(type(vision_model).__name__.encode())
         digest.update(vision_model.config.to_json_string().encode())
-        patch_embedding = vision_model.vision_model.embeddings.patch_embedding.weight
+        patch_embedding = vision_model.get_input_embeddings().weight
         digest.update(patch_embedding.detach().float().cpu().numpy().tobytes())
         self.fingerprint = digest.hexdigest()
 

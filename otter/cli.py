@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     from otter.train.cli import register as register_training
 
     register_training(commands)
+    from otter.eval.cli import register as register_evaluation
+
+    register_evaluation(commands)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""The evaluator's model calls: class ranking on a reused KV cache equals scoring each class from scratch; demo images
+shared by a batch are encoded once; batched generation equals the processor's path."""
+
+import pytest
+import torch
+from PIL import Image
+
+from otter.eval import encode_batch, rank_classes
+
+from .conftest import FAMILIES, set_gates
+
+PROMPTS = [  # three images each, the second prompt shorter (left-padded)
+    "<image>Output:tench<|endofchunk|><image>Output:a green thing<|endofchunk|><image>Output:",
+    "<image><image>hi<image>Answer:",
+]
+CLASSES = ["tench", "a green thing", "no", "yes", "great white shark"]
+
+
+@pytest.fixture
+def colour_images():
+    return [Image.new("RGB", (40 + 4 * i, 36), colour)
+            for i, colour in enumerate([(220, 30, 30), (30, 170, 60), (40, 70, 220), (240, 200, 20)])]
+
+
+def scores_from_scratch(model, processor, prompt, images, class_token_ids):
+    """Mean log-prob of each class after one unpadded prompt, a full forward per class, no cache."""
+    prompt_ids = processor.tokenizer(prompt)["input_ids"]
+    pixel_values = processor(text=[prompt], images=[images])["pixel_values"]
+    scores = []
+    for tokens in class_token_ids:
+        input_ids = torch.tensor([prompt_ids + tokens])
+        with torch.no_grad():
+            logprobs = model(input_ids=input_ids, pixel_values=pixel_values).logits[0].log_softmax(-1)
+        positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(tokens))
+        scores.append(sum(logprobs[p, t].item() for p, t in zip(positions, tokens)) / len(tokens))
+    return torch.tensor(scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ranking_on_a_reused_cache_equals_scoring_each_class_from_scratch(tiny, colour_images):
+    model, processor = tiny
+    class_token_ids = processor.tokenizer(CLASSES, add_special_tokens=False)["input_ids"]
+    assert len({len(tokens) for tokens in class_token_ids}) > 1, "classes of several token lengths"
+    sample_images = [colour_images[:3], colour_images[1:]]
+    inputs = encode_batch(model, processor, PROMPTS, sample_images)
+    assert inputs["attention_mask"][:, 0].eq(0).any(), "the batch must be left-padded"
+    ours = rank_classes(model, inputs, class_token_ids, classes_per_forward=2)  # 5 classes in groups of 2
+    assert ours.shape == (2, len(CLASSES))
+    for row, (prompt, imgs) in enumerate(zip(PROMPTS, sample_images)):
+        expected = scores_from_scratch(model, processor, prompt, imgs, class_token_ids)
+        assert torch.allclose(ours[row], expected, atol=1e-4), (ours[row], expected)
+    everything_at_once = rank_classes(model, inputs, class_token_ids, classes_per_forward=len(CLASSES))
+    assert torch.allclose(ours, everything_at_once, atol=1e-5)
+
+
+def count_vision_images(model):
+    counter = {"images": 0}
+
+    def pre_hook(module, args, kwargs):
+        counter["images"] += kwargs["pixel_values"].shape[0]
+
+    handle = model.vision_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return counter, handle
+
+
+def test_images_shared_by_a_batch_are_encoded_once(colour_images):
+    from otter.tiny import build_tiny_otter
+
+    model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
+    set_gates(model)
+    model.eval()
+    demo_a, demo_b, query_a, query_b = colour_images
+    texts = ["<image>Output:a<|endofchunk|>\n<image>Output:b<|endofchunk|>\n<image>Output:",
+             "<image>Output:b<|endofchunk|>\n<image>Output:a<|endofchunk|>\n<image>Output:",
+             "<image>Output:a<|endofchunk|>\n<image>Output:a<|endofchunk|>\n<image>Output:"]
+    images = [[demo_a, demo_b, query_a], [demo_b, demo_a, query_b], [demo_a, demo_a, query_a]]
+    counter, handle = count_vision_images(model)
+    ours = encode_batch(model, processor, texts, images)
+    handle.remove()
+    assert counter["images"] == 4  # 9 image slots, 4 distinct images
+
+    reference = processor(text=texts, images=images)  # every slot encoded
+    with torch.no_grad():
+        features = model.get_image_features(reference["pixel_values"])
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    assert torch.allclose(ours["media_key_values"], model.get_media_key_values(features), atol=1e-5)
+    settings = dict(num_beams=3, max_new_tokens=4, length_penalty=0.0, do_sample=False)
+    assert torch.equal(model.generate(**ours, **settings), model.generate(**reference, **settings))
+
+
+def test_image_files_are_keyed_by_path(tmp_path, colour_images):
+    from otter.tiny import build_tiny_otter
+
+    model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
+    paths = []
+    for i, image in enumerate(colour_images[:2]):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    counter, handle = count_vision_images(model)
+    encode_batch(model, processor, ["<image>Output:x<|endofchunk|><image>Output:"] * 2,
+                 [[paths[0], paths[1]], [str(paths[0]), paths[1]]])  # a str and a Path of one file are one image
+    handle.remove()
+    assert counter["images"] == 2
+
+
+def test_a_batch_needs_the_same_image_count_per_sample(colour_images):
+    from otter.tiny import build_tiny_otter
+
+    model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
+    with pytest.raises(ValueError, match="same number of images"):
+        encode_batch(model, processor, ["<image>a", "<image><image>b"], [colour_images[:1], colour_images[:2]])
