@@ -288,7 +288,7 @@ def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path
     head = next((name for name, parameter in model.named_parameters() if parameter is output_embeddings.weight), None)
     if head is not None and head in plan and head not in from_checkpoint:
         rows = state[head].shape[0]
-        if weights_rows(plan[head]) != rows:
+        if plan[head].source.info[plan[head].name].shape[0] != rows:
             logger.warning("%s is untied from the input embeddings and not in the checkpoint: its rows are resized "
                            "to %d, new rows set to the mean row (OpenFlamingo left them random)", head, rows)
             plan[head] = Take(plan[head].source, plan[head].name, _resize_rows(rows))
@@ -305,10 +305,6 @@ def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path
             raise ValueError(f"{key} differs from {take.name}, to which the model ties it: this checkpoint was trained "
                              "with untied embeddings, which this language model's config cannot express")
     return plan
-
-
-def weights_rows(take: Take) -> int:
-    return take.source.info[take.name].shape[0]
 
 
 def _mismatch_report(missing, unexpected, mismatched, model, checkpoint_layers, inferred_every_n) -> str:
