@@ -52,8 +52,10 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from .trainer import TrainingConfig, train
 
-    options = {name: value for name, value in vars(args).items()
-               if value is not None and name not in ("command", "train_command", "func", "config")}
+    fields = {field.name for field in dataclasses.fields(TrainingConfig)}
+    options = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     train(TrainingConfig.load(args.config, **options))
