@@ -179,27 +179,31 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dir, data_di
 
 
 # -- LoRA, precision, checkpointing --------------------------------------------------------------------------------
-@pytest.mark.parametrize("lora_output", ["merged", "adapter"])
-def test_lora_run_produces_a_loadable_model(model_dir, data_dir, tmp_path, lora_output):
-    out = train(quick_config(model_dir, data_dir["jsonl"], tmp_path / "out", lora=True, lora_output=lora_output,
-                             lora_dropout=0.0, lr=1e-2, max_steps=3))
-    model = OtterForConditionalGeneration.from_pretrained(out)
+def test_lora_runs_produce_loadable_models_merged_or_as_an_adapter(model_dir, data_dir, tmp_path):
+    outputs = {}
+    for lora_output in ("merged", "adapter"):
+        outputs[lora_output] = train(quick_config(model_dir, data_dir["jsonl"], tmp_path / lora_output, lora=True,
+                                                  lora_output=lora_output, lora_dropout=0.0, lr=1e-2, max_steps=3))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     base = weights(model_dir)
     qkv = "language_model.gpt_neox.layers.0.decoder_layer.attention.query_key_value.weight"
-    loaded = dict(model.named_parameters())
-    assert not any("lora" in name for name in loaded)
-    if lora_output == "merged":
-        assert not torch.equal(loaded[qkv], base[qkv]), "the adapter is merged into the weights"
-    else:
-        assert torch.equal(loaded[qkv], base[qkv])
-        model.load_adapter(str(out / "lora-adapter"))
-        assert any("lora_B" in name for name, _ in model.named_parameters())
     gate = "language_model.gpt_neox.layers.1.gated_cross_attn_layer.attn_gate"
-    assert not torch.equal(loaded[gate], base[gate]), "cross-attention trains alongside LoRA"
-    processor = OtterProcessor.from_pretrained(out)
-    inputs = processor(text=f"<image>User: What colour is the image? GPT:{ANSWER_TOKEN}", images=[Image.new("RGB", (32, 32))])
-    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3) or generated.shape[1] < inputs["input_ids"].shape[1] + 3
+    merged = OtterForConditionalGeneration.from_pretrained(outputs["merged"]).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert not torch.equal(merged.state_dict()[qkv], base[qkv]), "the adapter is merged into the weights"
+    assert not torch.equal(merged.state_dict()[gate], base[gate]), "cross-attention trains alongside LoRA"
+    with_adapter = OtterForConditionalGeneration.from_pretrained(outputs["adapter"]).eval()
+    assert torch.equal(with_adapter.state_dict()[qkv], base[qkv]), "the language model itself is left as it was"
+    with_adapter.load_adapter(str(outputs["adapter"] / "lora-adapter"))
+    assert any("lora_B" in name for name, _ in with_adapter.named_parameters())
+
+    processor = OtterProcessor.from_pretrained(outputs["merged"])
+    inputs = processor(text=f"<image>User: What colour is the image? GPT:{ANSWER_TOKEN} It is", images=[
+        Image.new("RGB", (32, 32), (220, 30, 30))])
+    with torch.no_grad():
+        expected, actual = merged(**inputs).logits, with_adapter(**inputs).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_gradient_checkpointing_and_bf16_train_like_the_default(model_dir, data_dir, tmp_path):

@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 from PIL import ImageOps
 
-from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN
+from otter.prompts import ANSWER_TOKEN
 
 from .data import INSTRUCTION, INTERLEAVED, PAIR, Example, Skipped, WebDataOptions
 

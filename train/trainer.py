@@ -12,6 +12,7 @@ micro-batches), so a run gives the same updates on 1 or N processes with the sam
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -109,8 +110,8 @@ class TrainingConfig:
     def __post_init__(self):
         if isinstance(self.web, dict):
             self.web = _dataclass_from_dict(WebDataOptions, self.web, "web")
-        if isinstance(self.data, str):
-            self.data = [self.data]
+        self.data = [str(path) for path in ([self.data] if isinstance(self.data, (str, os.PathLike)) else self.data)]
+        self.model, self.out = (str(value) if value is not None else None for value in (self.model, self.out))
         for name in ("model", "out"):
             if not getattr(self, name):
                 raise ValueError(f"a training run needs {name!r} (--{name})")
@@ -269,10 +270,13 @@ def _trainable_names(module: torch.nn.Module) -> set[str]:
 
 
 def _keep_trainable_weights(models, weights, output_dir):
-    """accelerate save hook: a checkpoint holds the trained parameters, not the frozen backbones."""
-    for index, model in enumerate(models):
+    """
+    accelerate save hook: a checkpoint holds the trained parameters, not the frozen backbones. (Under FSDP and
+    DeepSpeed, which save their own shards, `weights` is empty and this does nothing.)
+    """
+    for index, (model, state_dict) in enumerate(zip(models, weights)):
         names = _trainable_names(model)
-        weights[index] = {name: tensor for name, tensor in weights[index].items() if name in names}
+        weights[index] = {name: tensor for name, tensor in state_dict.items() if name in names}
 
 
 def _load_trainable_weights(models, input_dir):
@@ -384,6 +388,8 @@ def _configure_backend(accelerator: Accelerator, config: TrainingConfig) -> None
 def train(config: TrainingConfig) -> Path:
     """Runs the training `config` describes and returns the output folder, an Otter folder (see module doc)."""
     out = Path(config.out)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard logging needs the tensorboard package: pip install 'otter-flamingo[train]'")
     accelerator = Accelerator(
         gradient_accumulation_steps=config.grad_accum,
         mixed_precision=PRECISIONS[config.precision] if config.precision else None,
@@ -429,6 +435,11 @@ def train(config: TrainingConfig) -> Path:
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         _check_resumable(saved["config"], config, resume_from)
+        if saved["num_processes"] != accelerator.num_processes:
+            raise ValueError(
+                f"{resume_from} was saved by {saved['num_processes']} process(es); resume it with as many "
+                f"(this launch has {accelerator.num_processes}): the data order and RNG states are per process"
+            )
         accelerator.load_state(resume_from)
         step, skipped_before = saved["step"], Counter(saved["skipped"])
         if saved["config"]["lr"] != config.lr:
@@ -509,11 +520,11 @@ def train(config: TrainingConfig) -> Path:
         if main and (step % config.log_every == 0 or step == total_steps):
             logger.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, total_steps, loss, lr, samples_per_s)
         if step % config.save_every == 0:
-            save_checkpoint(accelerator, out, step, _trainer_state(step, config, skipped_before, skipped),
-                            config.keep_checkpoints)
+            trainer_state = _trainer_state(step, config, skipped_before, skipped, accelerator.num_processes)
+            save_checkpoint(accelerator, out, step, trainer_state, config.keep_checkpoints)
     bar.close()
 
-    state = _trainer_state(step, config, skipped_before, skipped)
+    state = _trainer_state(step, config, skipped_before, skipped, accelerator.num_processes)
     state["malformed_when_read"] = dict(malformed)
     _save_output(accelerator, trained, processor, config, out, state)
     if main:
@@ -531,7 +542,7 @@ def _to_device(batch: dict, device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def _trainer_state(step: int, config: TrainingConfig, before: Counter, local: Counter) -> dict:
+def _trainer_state(step: int, config: TrainingConfig, before: Counter, local: Counter, num_processes: int) -> dict:
     """
     What a checkpoint records besides the tensors: the step (hence the data position: `step * grad_accum`
     micro-batches per process), the records skipped while training, on all processes, and the config.
@@ -539,7 +550,8 @@ def _trainer_state(step: int, config: TrainingConfig, before: Counter, local: Co
     skipped = Counter(before)
     for counts in gather_object([dict(local)]):  # a collective: every process calls this at the same step
         skipped.update(counts)
-    return {"step": step, "skipped": dict(skipped), "config": dataclasses.asdict(config)}
+    return {"step": step, "num_processes": num_processes, "skipped": dict(skipped),
+            "config": dataclasses.asdict(config)}
 
 
 class _MetricsFile:
