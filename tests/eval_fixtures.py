@@ -86,7 +86,9 @@ def make_captions(root: Path, task: str, num_pool: int = 4, num_test: int = 3) -
     images = []
     splits = ["train"] * num_pool + ["test"] * num_test + ["val", "restval"]
     for n, split in enumerate(splits):
-        sentences = [{"raw": CAPTIONS[(n + k) % len(CAPTIONS)], "tokens": []} for k in range(5)]
+        caption = CAPTIONS[n % len(CAPTIONS)]  # five annotators' variants of one caption per image
+        variants = [caption, caption.lower(), caption.rstrip(".") + " here.", "a picture: " + caption, caption.upper()]
+        sentences = [{"raw": variant, "tokens": []} for variant in variants]
         if task == "coco":
             folder = "train2014" if split == "train" else "val2014"
             name = f"COCO_{folder}_{n + 1:012d}.jpg"
