@@ -26,8 +26,9 @@ def run(args) -> None:
         raise ValueError(f"--num-beams and --max-new-tokens apply to generation tasks; {task.name} ranks class names")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    model = OtterForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    processor = OtterProcessor.from_pretrained(args.model)
+    model_dir = Path(args.model).resolve()  # the results' settings name the model; a resumed run must match
+    model = OtterForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    processor = OtterProcessor.from_pretrained(model_dir)
     rices_encoder = None
     if args.rices_encoder is not None:
         rices_encoder = (CLIPVisionModelWithProjection.from_pretrained(args.rices_encoder, dtype=dtype).to(device),

@@ -33,18 +33,20 @@ def random_demos(pool_size: int, num_samples: int, shots: int, seed: int, query_
     return [rng.sample(query_set, shots) for _ in range(num_samples)]
 
 
-def rices_demos(query_embeddings: torch.Tensor, pool_embeddings: torch.Tensor, shots: int,
+def rices_demos(query_embeddings: torch.Tensor, pool_embeddings: torch.Tensor, shots: int, device="cpu",
                 chunk_size: int = 1024) -> list[list[int]]:
     """
     RICES: for each query (rows of `query_embeddings` `(N, D)`, L2-normalised) the `shots` pool examples
     (`pool_embeddings` `(P, D)`) of highest cosine similarity, ordered least similar first, most similar last (next
-    to the query), as OpenFlamingo orders them.
+    to the query), as OpenFlamingo orders them. The last k of a row are the query's k most similar examples.
+    Similarities are computed on `device`, `chunk_size` queries at a time.
     """
     if shots > pool_embeddings.shape[0]:
         raise ValueError(f"{shots} demonstrations per sample asked for, but the pool holds {pool_embeddings.shape[0]}")
+    pool_embeddings = pool_embeddings.to(device)
     plans = []
-    for start in range(0, query_embeddings.shape[0], chunk_size):  # (chunk, P) similarities at a time
-        similarity = query_embeddings[start:start + chunk_size] @ pool_embeddings.T
+    for start in range(0, query_embeddings.shape[0], chunk_size):
+        similarity = query_embeddings[start:start + chunk_size].to(device) @ pool_embeddings.T  # (chunk, P)
         top = similarity.topk(shots, dim=-1).indices  # most similar first
         plans.extend(row[::-1] for row in top.tolist())
     return plans

@@ -124,11 +124,11 @@ def _read_log(path: Path, settings: dict) -> dict:
         complete = content[: content.rfind(b"\n") + 1]
         logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
         with open(path, "wb") as file:
-            file.write(complete)
+            file.write(complete if complete else (json.dumps({"settings": settings}) + "\n").encode("utf-8"))
+        if not complete:  # stopped before the settings line was written: a fresh log
+            return {}
         content = complete
     lines = content.decode("utf-8").splitlines()
-    if not lines:
-        raise ValueError(f"{path} is empty; remove it, or choose another --out")
     logged = json.loads(lines[0]).get("settings")
     if logged != settings:
         changed = sorted(key for key in set(logged or {}) | set(settings) if (logged or {}).get(key) != settings.get(key))
@@ -205,8 +205,7 @@ def evaluate(
     embed = None
     if rices:
         vision_model, image_processor = rices_encoder or (model.vision_model, processor.image_processor)
-        embed = ImageEmbedder(vision_model, image_processor, cache_dir=rices_cache or out.parent / "rices_cache",
-                              batch_size=max(batch_size, 32))
+        embed = ImageEmbedder(vision_model, image_processor, cache_dir=rices_cache or out.parent / "rices_cache")
     settings = json.loads(json.dumps({
         "task": task.name, "model": str(getattr(model, "name_or_path", "")), "data_dir": str(data_dir),
         "seed": seed, "num_samples": num_samples, "query_set_size": query_set_size,
@@ -215,9 +214,10 @@ def evaluate(
         "generation": task.generation, "classes": benchmark.class_names,
     }))
     done = _read_log(out.with_suffix(".samples.jsonl"), settings)
-    if embed:
-        pool_embeddings = embed([example.image for example in benchmark.pool])
-        test_embeddings = embed([example.image for example in test])
+    if embed:  # each sample's most similar pool examples, enough for the largest shot count, most similar last
+        most_similar = rices_demos(embed([example.image for example in test]),
+                                   embed([example.image for example in benchmark.pool]),
+                                   max(n or task.zero_shot_demos for n in shots), device=model.device)
 
     class_token_ids = None
     if task.ranks_classes:
@@ -233,7 +233,7 @@ def evaluate(
             trial_results = []
             for trial in range(trials):
                 if rices:
-                    plan = rices_demos(test_embeddings, pool_embeddings, demos_per_sample)
+                    plan = [row[len(row) - demos_per_sample:] for row in most_similar]
                 else:
                     plan = random_demos(len(benchmark.pool), len(test), demos_per_sample, seed + trial, query_set_size)
                 todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
@@ -281,7 +281,7 @@ def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: lis
             record["top"] = [[benchmark.class_names[i], value] for i, value in zip(indices, values)]
             record["prediction"] = record["top"][0][0]
         return records
-    sequences = model.generate(**inputs, do_sample=False, **task.generation)
+    sequences = model.generate(**inputs, **{"do_sample": False, **task.generation})
     outputs = processor.decode_answers(sequences, inputs["input_ids"].shape[1])
     for record, output in zip(records, outputs):
         record["output"] = output

@@ -8,7 +8,7 @@ import pytest
 
 from otter.cli import main
 from otter.eval import TASKS, evaluate
-from otter.eval.demos import ImageEmbedder, random_demos
+from otter.eval.demos import ImageEmbedder, random_demos, rices_demos
 from otter.eval.metrics import postprocess_vqa
 from otter.tiny import build_tiny_otter
 
@@ -186,6 +186,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_model, monke
     more = run(tiny_model, "vqav2", data_dir, tmp_path / "resumed" / "results.json", trials=1, shots=[0, 2, 1])
     assert counter["samples"] == 3 and more["results"][:2] == complete["results"]
 
+    stopped_at_once = tmp_path / "stopped" / "results.samples.jsonl"  # stopped while writing the settings line
+    stopped_at_once.parent.mkdir()
+    stopped_at_once.write_text(lines[0][:10])
+    assert run(tiny_model, "vqav2", data_dir, stopped_at_once.with_suffix("").with_suffix(".json"),
+               trials=1)["results"] == complete["results"]
+
     with pytest.raises(ValueError, match=r"other settings \(differing: \['seed'\]\)"):
         run(tiny_model, "vqav2", data_dir, tmp_path / "resumed" / "results.json", trials=1, seed=7)
 
@@ -234,6 +240,17 @@ def test_random_demonstrations_are_seeded_and_drawn_from_the_query_set():
     assert all(len(set(demos)) == 4 for demos in plan)
     with pytest.raises(ValueError, match="query set holds only 3"):
         random_demos(3, 1, 4, 0, 2048)
+
+
+def test_rices_orders_the_most_similar_last():
+    import torch
+
+    pool = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]]), dim=-1)
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert rices_demos(queries, pool, 3) == [[3, 1, 0], [1, 3, 2]]
+    assert rices_demos(queries, pool, 3, chunk_size=1) == [[3, 1, 0], [1, 3, 2]]
+    with pytest.raises(ValueError, match="pool holds 4"):
+        rices_demos(queries, pool, 5)
 
 
 def test_bad_arguments_are_named(tmp_path, tiny_model):
