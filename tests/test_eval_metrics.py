@@ -125,6 +125,27 @@ def test_ok_vqa_stemming_equals_openflamingo():
         assert postprocess_ok_vqa(text) == ok_vqa_utils.postprocess_ok_vqa_generation(text)
 
 
+def test_ok_vqa_stemming_rules_are_openflamingos_with_stand_in_nltk_models(monkeypatch):
+    """The rules (manual table, -ing verbs, plural nouns) compared with NLTK's models replaced by simple stand-ins."""
+    nltk = pytest.importorskip("nltk")
+    ok_vqa_utils = pytest.importorskip("open_flamingo.eval.ok_vqa_utils")
+    from otter.eval import metrics
+
+    class StandInLemmatizer:
+        def lemmatize(self, word, pos):
+            return word[: -len("ing")] if pos == nltk.corpus.reader.VERB else word
+
+    monkeypatch.setattr(nltk.tokenize, "word_tokenize", lambda text: text.replace(",", " ,").split())
+    monkeypatch.setattr(nltk, "pos_tag", lambda words: [(w, "NNS" if w.endswith("s") else "NN") for w in words])
+    monkeypatch.setattr(ok_vqa_utils.stemmer, "_wordnet_lemmatizer", StandInLemmatizer())
+    monkeypatch.setattr(metrics, "_ok_vqa_lemmatizer", StandInLemmatizer())
+    texts = GENERATIONS + ["riding horses", "the leaves are falling", "jeans and gloves, christmas trees",
+                           "dancing dogs Question: why", "buses and boxes"]
+    for text in texts:
+        assert postprocess_ok_vqa(text) == ok_vqa_utils.postprocess_ok_vqa_generation(text)
+    assert postprocess_ok_vqa("riding horses") == "ride horse"  # manual table, then a plural
+
+
 def test_ok_vqa_stemming_without_nltk_data_says_what_to_install():
     if nltk_data_installed():
         pytest.skip("NLTK data is installed")
