@@ -308,6 +308,9 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
             self.generation_config.eos_token_id = config.eoc_token_id
         if config.pad_token_id is not None:
             self.generation_config.pad_token_id = config.pad_token_id
+        # MPT configs ship use_cache=False (a training setting), which would make every decode step recompute the
+        # whole sequence; cached decoding is exact, so it is the default for every family
+        self.generation_config.use_cache = True
 
     def forward(
         self,

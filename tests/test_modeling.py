@@ -193,6 +193,19 @@ def test_cached_uncached_and_manual_greedy_decoding_agree(tiny, images):
     assert torch.equal(cached, ids)
 
 
+def test_generation_decodes_with_the_cache_by_default(tiny, images, tmp_path):
+    """MPT's config says use_cache=False; decoding must still feed one new token per step, saved folders included."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    model = type(model).from_pretrained(tmp_path).eval()
+    lengths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    batch = two_sample_batch(processor, images)
+    model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    hook.remove()
+    assert lengths == [batch["input_ids"].shape[1], 1, 1, 1]
+
+
 def test_batched_left_padded_generation_equals_one_by_one(tiny, images):
     model, processor = tiny
     batch = two_sample_batch(processor, images)
