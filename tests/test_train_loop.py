@@ -118,6 +118,19 @@ def test_train_embeddings_updates_only_the_new_token_rows(model_dir, data_dir, t
     assert input_rows.nonzero().flatten().tolist() == sorted(new_rows[:2])
 
 
+def test_bad_records_are_skipped_counted_and_reported(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "data", with_context=False)
+    (tmp_path / "data" / "images" / "yellow.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with open(data, "a") as file:
+        file.write('{"images": ["images/red.png"], "instruction": "no answer"}\n')
+    out = train(quick_config(model_dir, [data], tmp_path / "out", batch_size=1, max_steps=8))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["skipped"] == {"unreadable image": 2} and summary["malformed_when_read"] == {"malformed record": 1}
+    metrics = read_metrics(out)
+    assert [m["examples"] for m in metrics].count(0) == 2, "two epochs, the broken example once in each"
+    assert all((m["loss"] is None) == (m["examples"] == 0) for m in metrics)
+
+
 # -- checkpoints and resume -------------------------------------------------------------------------------------
 def test_resume_continues_the_same_loss_curve(model_dir, data_dir, tmp_path, monkeypatch):
     options = dict(max_steps=6, save_every=3, batch_size=1, grad_accum=2, schedule="cosine", warmup_steps=2,

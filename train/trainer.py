@@ -485,10 +485,13 @@ def train(config: TrainingConfig) -> Path:
                     scale = accelerator.num_processes * config.grad_accum / max(tokens, 1)
                     accelerator.backward(batch_loss * scale)
                     loss_sum += batch_loss.detach()
-                else:  # every record of this micro-batch was skipped: join the gradient exchange with zeros
-                    accelerator.backward(sum(p.sum() * 0.0 for p in trained.parameters() if p.requires_grad))
-        loss = accelerator.reduce(loss_sum, "sum").item() / max(tokens, 1)
-        if not math.isfinite(loss):
+                else:  # every record of this micro-batch was skipped; DDP, FSDP and DeepSpeed still expect a
+                    # forward and a backward from this process: a one-token forward, with a zero loss
+                    padding = torch.full((1, 1), processor.tokenizer.pad_token_id, device=accelerator.device)
+                    logits = trained(input_ids=padding, attention_mask=torch.ones_like(padding), use_cache=False).logits
+                    accelerator.backward(logits.sum() * 0.0)
+        loss = accelerator.reduce(loss_sum, "sum").item() / tokens if tokens else None  # None: nothing to learn
+        if loss is not None and not math.isfinite(loss):
             last = checkpoints_in(out)
             raise NonFiniteLossError(
                 f"the loss is {loss} at step {step + 1}; training stopped before applying it. "
@@ -509,7 +512,7 @@ def train(config: TrainingConfig) -> Path:
         lr = scheduler.get_last_lr()[0]
         samples_per_s = examples / (time.perf_counter() - started)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
         record = {"step": step, "loss": loss, "lr": lr, "examples": int(examples), "tokens": int(tokens),
                   "samples_per_s": samples_per_s,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None}
@@ -518,7 +521,8 @@ def train(config: TrainingConfig) -> Path:
         if config.tensorboard:
             accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
         if main and (step % config.log_every == 0 or step == total_steps):
-            logger.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, total_steps, loss, lr, samples_per_s)
+            logger.info("step %d/%d loss %s lr %.2e %.1f samples/s", step, total_steps,
+                        "-" if loss is None else f"{loss:.4f}", lr, samples_per_s)
         if step % config.save_every == 0:
             trainer_state = _trainer_state(step, config, skipped_before, skipped, accelerator.num_processes)
             save_checkpoint(accelerator, out, step, trainer_state, config.keep_checkpoints)
@@ -530,7 +534,7 @@ def train(config: TrainingConfig) -> Path:
     if main:
         counts = Counter(state["skipped"]) + malformed
         if counts:
-            logger.warning("records not trained on: %s (total %d)",
+            logger.warning("records not trained on (counted each time they came up): %s (total %d)",
                            ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())), sum(counts.values()))
         logger.info("wrote %s after %d steps", out, step)
     if config.tensorboard:
