@@ -12,7 +12,14 @@ from otter import OtterForConditionalGeneration, OtterProcessor
 from otter.cli import main as otter_main
 from otter.prompts import ANSWER_TOKEN
 from otter.train import trainer as trainer_module
-from otter.train.trainer import NonFiniteLossError, TrainingConfig, checkpoints_in, train
+from otter.train.trainer import (
+    NonFiniteLossError,
+    TrainingConfig,
+    checkpoints_in,
+    configure_training,
+    parameter_groups,
+    train,
+)
 
 from .train_fixtures import (
     quick_config,
@@ -123,12 +130,24 @@ def test_bad_records_are_skipped_counted_and_reported(model_dir, tmp_path):
     (tmp_path / "data" / "images" / "yellow.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     with open(data, "a") as file:
         file.write('{"images": ["images/red.png"], "instruction": "no answer"}\n')
-    out = train(quick_config(model_dir, [data], tmp_path / "out", batch_size=1, max_steps=8))
+    out = train(quick_config(model_dir, [data], tmp_path / "out", batch_size=1, max_steps=None, epochs=2))
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["skipped"] == {"unreadable image": 2} and summary["malformed_when_read"] == {"malformed record": 1}
     metrics = read_metrics(out)
-    assert [m["examples"] for m in metrics].count(0) == 2, "two epochs, the broken example once in each"
+    assert len(metrics) == 8, "two epochs of the 4 readable records, one per step"
+    assert [m["examples"] for m in metrics].count(0) == 2, "the broken example comes up once in each epoch"
     assert all((m["loss"] is None) == (m["examples"] == 0) for m in metrics)
+
+
+def test_weight_decay_applies_to_cross_attention_only(model_dir):
+    model = OtterForConditionalGeneration.from_pretrained(model_dir)
+    configure_training(model, TrainingConfig(model="m", data=["d.jsonl"], out="o", full=True), [])
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    decayed, other = parameter_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and other["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decayed["params"]} == {
+        name for name, _ in model.named_parameters() if ".gated_cross_attn_layer." in name}
+    assert len(decayed["params"]) + len(other["params"]) == len(list(model.parameters()))
 
 
 # -- checkpoints and resume -------------------------------------------------------------------------------------
@@ -169,6 +188,10 @@ def test_resume_refuses_a_different_run_and_a_used_folder(model_dir, data_dir, t
         train(config)
     with pytest.raises(ValueError, match="batch_size: 2 -> 4"):
         train(TrainingConfig(**{**config.__dict__, "resume": True, "batch_size": 4}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train(TrainingConfig(**{**config.__dict__, "resume": True, "max_steps": 3, "lr": 5e-4}))
+    assert [(m["step"], m["lr"]) for m in read_metrics(config.out)] == [(1, 1e-3), (2, 1e-3), (3, 5e-4)]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dir, data_dir, tmp_path, monkeypatch):

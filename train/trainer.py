@@ -385,6 +385,38 @@ def _configure_backend(accelerator: Accelerator, config: TrainingConfig) -> None
         )
 
 
+def _model_to_train(config: TrainingConfig):
+    """The model (with `<answer>` for instruction data) set up to train as `config` says, and its processor."""
+    model = OtterForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
+    processor = OtterProcessor.from_pretrained(config.model)
+    if config.objective == INSTRUCTION:
+        add_answer_token(model, processor.tokenizer)
+    new_tokens = [processor.image_token_id, processor.eoc_token_id]
+    if ANSWER_TOKEN in processor.tokenizer.get_vocab():
+        new_tokens.append(processor.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN))
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return configure_training(model, config, new_tokens), processor
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path, config: TrainingConfig, optimizer, scheduler):
+    """Loads `checkpoint` (weights, optimizer, scheduler, RNG) and returns its step and skip counts."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    _check_resumable(saved["config"], config, checkpoint)
+    if saved["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{checkpoint} was saved by {saved['num_processes']} process(es); resume it with as many "
+            f"(this launch has {accelerator.num_processes}): the data order and RNG states are per process"
+        )
+    accelerator.load_state(checkpoint)
+    if saved["config"]["lr"] != config.lr:  # the new peak lr, at the schedule's current point
+        scheduler.base_lrs = [config.lr] * len(scheduler.base_lrs)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = config.lr * factor(scheduler.last_epoch)
+    logger.info("resumed from %s at step %d", checkpoint, saved["step"])
+    return saved["step"], Counter(saved["skipped"])
+
+
 def train(config: TrainingConfig) -> Path:
     """Runs the training `config` describes and returns the output folder, an Otter folder (see module doc)."""
     out = Path(config.out)
@@ -403,16 +435,7 @@ def train(config: TrainingConfig) -> Path:
     accelerator.wait_for_everyone()  # every process looked at `out` before anything is written there
     set_seed(config.seed)
 
-    model = OtterForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
-    processor = OtterProcessor.from_pretrained(config.model)
-    if config.objective == INSTRUCTION:
-        add_answer_token(model, processor.tokenizer)
-    new_tokens = [processor.image_token_id, processor.eoc_token_id]
-    if ANSWER_TOKEN in processor.tokenizer.get_vocab():
-        new_tokens.append(processor.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN))
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    trained = configure_training(model, config, new_tokens)
+    trained, processor = _model_to_train(config)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
     data = _build_data(config, processor, accelerator)
@@ -424,7 +447,7 @@ def train(config: TrainingConfig) -> Path:
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
             f"the launch configuration accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
-            f"grad_accum is {config.grad_accum}; set them alike (DeepSpeed: gradient_accumulation_steps: auto)"
+            f"grad_accum is {config.grad_accum}; leave gradient_accumulation_steps out of the launch configuration"
         )
     # the scheduler steps once per optimizer step: not prepared (accelerate would step it once per process)
     accelerator.register_for_checkpointing(scheduler)
@@ -433,20 +456,7 @@ def train(config: TrainingConfig) -> Path:
 
     step, skipped_before = 0, Counter()
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        _check_resumable(saved["config"], config, resume_from)
-        if saved["num_processes"] != accelerator.num_processes:
-            raise ValueError(
-                f"{resume_from} was saved by {saved['num_processes']} process(es); resume it with as many "
-                f"(this launch has {accelerator.num_processes}): the data order and RNG states are per process"
-            )
-        accelerator.load_state(resume_from)
-        step, skipped_before = saved["step"], Counter(saved["skipped"])
-        if saved["config"]["lr"] != config.lr:
-            scheduler.base_lrs = [config.lr] * len(scheduler.base_lrs)
-            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-                group["lr"] = config.lr * factor(scheduler.last_epoch)
-        logger.info("resumed from %s at step %d", resume_from, step)
+        step, skipped_before = _resume(accelerator, resume_from, config, optimizer, scheduler)
 
     malformed = Counter(skipped.reason for skipped in data.malformed)
     if main:
