@@ -141,12 +141,12 @@ class WebSamples(IterableDataset):
             mine = shards[reader::readers]
             samples = wds.shuffle(self.options.shuffle_buffer, initial=self.options.shuffle_buffer,
                                   rng=random.Random(f"{self.seed}:{epoch}:{reader}"))(self._read(mine))
-            count = 0
+            readable = 0
             for sample in samples:
-                count += 1
+                readable += not isinstance(sample, Skipped)
                 yield epoch, sample
-            if count == 0:
-                raise ValueError(f"the shards {mine} hold no samples")
+            if readable == 0:
+                raise ValueError(f"the shards {mine} hold no readable samples (are they webdataset .tar files?)")
 
     @staticmethod
     def _read(shards: list[str]):
