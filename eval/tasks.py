@@ -7,7 +7,7 @@ OpenFlamingo 2.0.1's evaluation protocol; change one with `dataclasses.replace(T
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -107,7 +107,7 @@ TASKS: dict[str, Task] = {
     "flickr30k": _caption_task("flickr30k"),
     # OpenFlamingo 2.0.1 joins classification demonstrations with no separator (evaluate_classification)
     "imagenet": Task(name="imagenet", metric="top-1 accuracy", load=load_image_folder,
-                     prompt=replace(CLASSIFICATION, separator=""), score=score_top1, top_k=5),
+                     prompt=CLASSIFICATION, score=score_top1, top_k=5),
     "hateful_memes": Task(name="hateful_memes", metric="ROC AUC", load=load_hateful_memes, prompt=HATEFUL_MEMES,
                           score=score_roc_auc, top_k=2),
 }

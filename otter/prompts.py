@@ -33,7 +33,8 @@ class PromptTemplate:
 # OpenFlamingo's evaluation prompts (open_flamingo/eval/models/open_flamingo.py)
 VQA = PromptTemplate("<image>Question:{question} Short answer:{answer}", "answer")
 CAPTION = PromptTemplate("<image>Output:{caption}", "caption")
-CLASSIFICATION = PromptTemplate("<image>Output:{label}", "label")
+# OpenFlamingo 2.0.1's evaluate_classification joins classification demos with no separator
+CLASSIFICATION = PromptTemplate("<image>Output:{label}", "label", separator="")
 HATEFUL_MEMES = PromptTemplate(
     "<image>is an image with: '{ocr}' written on it. Is it hateful? Answer:{answer}", "answer", separator=""
 )
