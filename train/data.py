@@ -147,7 +147,7 @@ class JsonlInstructions:
                     continue
                 turns = self._parse(line, f"{self.path}:{line_number}")
                 if isinstance(turns, Skipped):
-                    logger.warning("skipping %s", turns.detail)
+                    logger.warning("skipping %s (%s)", turns.detail, turns.reason)
                     self.malformed.append(turns)
                 else:
                     self.examples.append(turns)
@@ -338,7 +338,7 @@ class MimicItInstructions:
         for ins_id, context_ids in train_config.items():
             turns = self._turns(instructions, ins_id, context_ids)
             if isinstance(turns, Skipped):
-                logger.warning("skipping %s", turns.detail)
+                logger.warning("skipping %s (%s)", turns.detail, turns.reason)
                 self.malformed.append(turns)
             else:
                 self.examples.append((ins_id, turns))
