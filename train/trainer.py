@@ -45,9 +45,10 @@ PRECISIONS = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
 LORA_OUTPUTS = ("merged", "adapter")
 CROSS_ATTENTION = "gated_cross_attn_layer"  # OpenFlamingo decays these parameters' weights, and only these
-# what may differ between a run and its resumption: how long it runs, how it reports, how fast it reads, and the lr
-RESUMABLE_CHANGES = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "tensorboard",
-                     "num_workers", "resume", "precision", "lr"}
+# what may differ between a run and its resumption: how long it runs, how it reports, the precision and the lr
+# (not num_workers: web shards are dealt to processes x workers)
+RESUMABLE_CHANGES = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "tensorboard", "resume",
+                     "precision", "lr"}
 
 
 @dataclass
