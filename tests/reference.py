@@ -72,3 +72,19 @@ def reference_twin(model):
         if mine is not None:
             theirs.load_state_dict(mine.state_dict())
     return reference.eval()
+
+
+def assert_greedy_generation_matches(model, reference, batch, new_tokens=6):
+    """Same tokens, and every step's scores within 1e-4; special tokens suppressed in both models."""
+    special = [model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id]
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, num_beams=1, suppress_tokens=special,
+                    pad_token_id=model.config.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    ours = model.generate(**batch, **settings)
+    with torch.no_grad():
+        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    **settings)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
+        finite = step_ours.isfinite()
+        assert torch.equal(finite, step_theirs.isfinite())
+        assert (step_ours[finite] - step_theirs[finite]).abs().max() <= 1e-4

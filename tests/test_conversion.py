@@ -23,6 +23,7 @@ from .conversion_fixtures import (
     write_language_model,
     write_open_clip,
 )
+from .reference import assert_greedy_generation_matches
 
 TEXTS = [
     "a picture:<image>Output:a red circle<|endofchunk|>\n<image>Question:what is it? Short answer:",
@@ -94,18 +95,7 @@ def test_converted_generation_tokenizer_and_pixels_match_reference(family, visio
     assert (ours - theirs).abs().max() <= 1e-6  # same PIL bicubic resize, same crop rounding
 
     batch = processor(text=TEXTS[:2], images=[images[:2], images[2:3]])
-    special = [model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id]
-    settings = dict(max_new_tokens=6, do_sample=False, num_beams=1, suppress_tokens=special,
-                    pad_token_id=model.config.pad_token_id, output_scores=True, return_dict_in_generate=True)
-    ours = model.generate(**batch, **settings)
-    with torch.no_grad():
-        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    **settings)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
-        finite = step_ours.isfinite()
-        assert torch.equal(finite, step_theirs.isfinite())
-        assert (step_ours[finite] - step_theirs[finite]).abs().max() <= 1e-4
+    assert_greedy_generation_matches(model, reference, batch)
 
 
 def test_output_folder_is_complete_and_loads_offline(vision, tmp_path, monkeypatch):

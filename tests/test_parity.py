@@ -6,7 +6,7 @@ import torch
 from otter.tiny import build_tiny_otter
 
 from .conftest import FAMILIES, set_gates
-from .reference import reference_twin
+from .reference import assert_greedy_generation_matches, reference_twin
 
 # the reference hard-codes these sizes
 OPENFLAMINGO_SIZES = dict(perceiver_depth=6, perceiver_heads=8, perceiver_dim_head=64, perceiver_num_latents=64,
@@ -44,15 +44,4 @@ def test_logits_match_reference(family, every_n, images):
 def test_greedy_generation_matches_reference(family, images):
     model, processor, reference = build_pair(family, 2)
     batch = processor(text=TEXTS[:2], images=[images[:2], images[2:3]])
-    special = [model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id]
-    settings = dict(max_new_tokens=6, do_sample=False, num_beams=1, suppress_tokens=special,
-                    pad_token_id=model.config.pad_token_id, output_scores=True, return_dict_in_generate=True)
-    ours = model.generate(**batch, **settings)
-    with torch.no_grad():
-        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    **settings)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
-        finite = step_ours.isfinite()
-        assert torch.equal(finite, step_theirs.isfinite())
-        assert (step_ours[finite] - step_theirs[finite]).abs().max() <= 1e-4
+    assert_greedy_generation_matches(model, reference, batch)
