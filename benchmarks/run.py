@@ -108,7 +108,8 @@ def bench_generation(model, reference, spec, device, dtype, repeats, new_tokens=
         for images in (1, 8):
             input_ids, mask = prompt(batch, images, device)
             vision = pixels(batch, images, size, device, dtype)
-            settings = dict(do_sample=False, num_beams=1, pad_token_id=PAD, eos_token_id=None)
+            # use_cache explicitly: MPT configs say False, which would make the reference recompute every step
+            settings = dict(do_sample=False, num_beams=1, pad_token_id=PAD, eos_token_id=None, use_cache=True)
 
             def run(which, tokens):
                 if which == "otter":
