@@ -3,8 +3,8 @@ Otter against the reference implementation (open-flamingo 2.0.1), side by side i
 
     python benchmarks/run.py [--device cpu|cuda] [--parts generation training conversion] [--out FILE]
 
-CPU mode builds a model big enough that compute dominates overhead (ViT 12 layers, MPT 8 layers of width 512,
-OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the OpenFlamingo-9B
+CPU mode builds a model big enough that compute dominates overhead (ViT-B/32's tower: 12 layers of width 768; MPT 8
+layers of width 512; OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the OpenFlamingo-9B
 architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed does not depend on
 them. The reference is built around deep copies of Otter's own parts (tests/reference.py), so both compute the same
 function. Writes a Markdown table (stdout, and --out).
@@ -34,8 +34,8 @@ from tests.reference import reference_twin  # noqa: E402
 
 VOCAB = 32000
 MEDIA, EOC, PAD = VOCAB, VOCAB + 1, VOCAB + 2
-CPU_MODEL = dict(
-    vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, image_size=224,
+CPU_MODEL = dict(  # ViT-B/32's tower, an LM of 8 layers x 512
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
                 patch_size=32, hidden_act="quick_gelu"),
     text=dict(model_type="mpt", d_model=512, n_heads=8, n_layers=8, expansion_ratio=4, max_seq_len=2048,
               vocab_size=VOCAB + 3),
