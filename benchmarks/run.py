@@ -140,45 +140,52 @@ def _current_rss():
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def bench_training(model, reference, spec, device, dtype, repeats, batch=8, images=4):
-    """One perceiver + cross-attention AdamW step (forward, backward, update) at batch 8; peak extra memory."""
+def train_step(which, model, reference, spec, device, dtype, repeats, batch=8, images=4):
+    """
+    One perceiver + cross-attention AdamW step (forward, backward, update) at batch 8 for `which` implementation:
+    samples/s and the peak memory above what the process held before the timed steps.
+    """
     input_ids, mask = prompt(batch, images, device, seed=3)
     vision = pixels(batch, images, spec["vision"]["image_size"], device, dtype)
     labels = input_ids.clone()
-    result = {}
-    for which, net in (("otter", model), ("reference", reference)):
-        net.train()
-        net.requires_grad_(False)
-        trainable = list(net.perceiver.parameters())
-        blocks = (net.cross_attention_blocks() if which == "otter" else
-                  [block for block in net.lang_encoder.gated_cross_attn_layers if block is not None])
-        for module in [net.perceiver, *blocks]:
-            module.requires_grad_(True)
-        trainable = [p for p in net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    net = model if which == "otter" else reference
+    net.train()
+    net.requires_grad_(False)
+    blocks = (net.cross_attention_blocks() if which == "otter" else
+              [block for block in net.lang_encoder.gated_cross_attn_layers if block is not None])
+    for module in [net.perceiver, *blocks]:
+        module.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
-        def step():
-            if which == "otter":
-                loss = net(input_ids=input_ids, attention_mask=mask, pixel_values=vision, labels=labels).loss
-            else:
-                loss = net(vision, input_ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()  # optimizer state exists from here on, as in a training run
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+    def step():
+        if which == "otter":
+            loss = net(input_ids=input_ids, attention_mask=mask, pixel_values=vision, labels=labels).loss
         else:
-            _peak_rss_reset()
-            base = _current_rss()
-        seconds = median_time(step, device, repeats)
-        peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
-        result[which] = {"samples_s": batch / seconds, "peak_extra_bytes": peak}
+            loss = net(vision, input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del optimizer
-        net.eval()
+
+    step()  # optimizer state exists from here on, as in a training run
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _peak_rss_reset()
+        base = _current_rss()
+    seconds = median_time(step, device, repeats)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
+    return {"samples_s": batch / seconds, "peak_extra_bytes": peak}
+
+
+def bench_training(device, repeats):
+    """Each implementation in a fresh process: memory an earlier run freed (and the allocator kept) would otherwise
+    make whichever runs second look smaller."""
+    result = {}
+    for which in ("otter", "reference"):
+        finished = subprocess.run([sys.executable, __file__, "--training-worker", which, "--device", device,
+                                   "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+        result[which] = json.loads(finished.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -257,17 +264,21 @@ def main():
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "otter-benchmarks")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--training-worker", choices=["otter", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = GPU_MODEL if args.device == "cuda" else CPU_MODEL
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    results = {}
-    if {"generation", "training"} & set(args.parts):
+    if args.training_worker:
         model, reference = build(spec, args.device, dtype)
-        if "generation" in args.parts:
-            results["generation"] = bench_generation(model, reference, spec, args.device, dtype, args.repeats)
-        if "training" in args.parts:
-            results["training"] = bench_training(model, reference, spec, args.device, dtype, args.repeats)
+        print(json.dumps(train_step(args.training_worker, model, reference, spec, args.device, dtype, args.repeats)))
+        return
+    results = {}
+    if "generation" in args.parts:
+        model, reference = build(spec, args.device, dtype)
+        results["generation"] = bench_generation(model, reference, spec, args.device, dtype, args.repeats)
         del model, reference
+    if "training" in args.parts:
+        results["training"] = bench_training(args.device, args.repeats)
     if "conversion" in args.parts:
         args.workdir.mkdir(parents=True, exist_ok=True)
         results["conversion"] = bench_conversion(args.workdir)
