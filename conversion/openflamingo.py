@@ -66,6 +66,11 @@ def _listed(names, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _memory_name(name: str, by_saved_name: dict[str, str], memory_names) -> str | None:
+    """A tensor name as saved (transformers 4 naming) or as in memory -> its name in memory, or None."""
+    return by_saved_name.get(name, name if name in memory_names else None)
+
+
 def language_model_plan(folder: Path):
     """
     (config, {parameter name in the LM: Take}) for a language-model folder: native transformers, or mosaic_gpt
@@ -83,7 +88,7 @@ def language_model_plan(folder: Path):
     ignored = re.compile("|".join([*RECOMPUTED_BUFFERS, *(meta._keys_to_ignore_on_load_unexpected or [])]))
     plan, unexpected, skipped = {}, [], []
     for name in source.names():
-        memory = by_saved_name.get(name, name if name in memory_names else None)
+        memory = _memory_name(name, by_saved_name, memory_names)
         if memory is not None:
             plan[memory] = Take(source, name)
         elif ignored.search(name):
@@ -251,6 +256,7 @@ def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path
     """{Otter parameter name in memory: Take} for the language model, perceiver and cross-attention."""
     state = model.state_dict()
     by_saved_name = saved_names(model)
+    saved_name = {memory: saved for saved, memory in by_saved_name.items()}
     tied = model.all_tied_weights_keys
     layer_pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
 
@@ -264,10 +270,10 @@ def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path
             aliases += 1  # the same modules again, under OpenFlamingo's alias lists
             continue
         name = "language_model." + key[len("lang_encoder."):] if key.startswith("lang_encoder.") else key
-        memory = by_saved_name.get(name, name if name in state else None)
-        if memory is None or not (memory.startswith(("perceiver.", "language_model."))):
+        memory = _memory_name(name, by_saved_name, state)
+        if memory is None or not memory.startswith(("perceiver.", "language_model.")):
             unexpected.append(key)
-        elif memory in tied and memory not in by_saved_name.values():
+        elif memory in tied and memory not in saved_name:
             tied_copies[key] = tied[memory]  # e.g. MPT's lm_head, tied to wte: must equal what it is tied to
         elif weights.info[key].shape != tuple(state[memory].shape):
             mismatched.append(f"{key} {weights.info[key].shape} vs {tuple(state[memory].shape)}")
@@ -280,7 +286,6 @@ def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path
     required = {memory for saved, memory in by_saved_name.items()
                 if memory.startswith("perceiver.") or ".gated_cross_attn_layer." in memory
                 or (memory.startswith("language_model.") and "embed" in saved)}
-    saved_name = {memory: saved for saved, memory in by_saved_name.items()}
     missing = sorted("lang_encoder." + saved_name[memory][len("language_model."):]
                      if memory.startswith("language_model.") else memory for memory in required - from_checkpoint)
 
@@ -292,9 +297,9 @@ def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path
             logger.warning("%s is untied from the input embeddings and not in the checkpoint: its rows are resized "
                            "to %d, new rows set to the mean row (OpenFlamingo left them random)", head, rows)
             plan[head] = Take(plan[head].source, plan[head].name, _resize_rows(rows))
-    for memory, take in plan.items():
-        if take.source is not weights and take.transform is None and memory in state:
-            if take.source.info[take.name].shape != tuple(state[memory].shape) and memory not in from_checkpoint:
+    for memory, take in plan.items():  # the language model's own tensors
+        if take.source is not weights and take.transform is None:
+            if take.source.info[take.name].shape != tuple(state[memory].shape):
                 mismatched.append(f"{take.name} {take.source.info[take.name].shape} vs {tuple(state[memory].shape)}")
 
     if missing or unexpected or mismatched:

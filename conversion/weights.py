@@ -161,12 +161,6 @@ def saved_names(model: PreTrainedModel) -> dict[str, str]:
     return names
 
 
-def saved_shapes(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
-    """{saved name: shape} for what `model.save_pretrained` would write."""
-    state = model.state_dict()
-    return {saved: tuple(state[memory].shape) for saved, memory in saved_names(model).items()}
-
-
 def write_safetensors(folder: Path, plan: dict[str, Take], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                       max_shard_size: int | str = "2GB") -> int:
     """

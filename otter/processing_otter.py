@@ -1,7 +1,6 @@
 """OtterProcessor: images and interleaved text with `<image>` markers -> input_ids, attention_mask, pixel_values."""
 
 import os
-from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageOps

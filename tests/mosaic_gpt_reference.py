@@ -79,7 +79,7 @@ def attention(query, key, value, n_heads, attn_bias, key_padding_mask, softmax_s
 
 def forward(state: dict, config: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """Logits `(batch, seq, vocab)` of mosaic_gpt on `input_ids`."""
-    n_heads, d = config["n_heads"], config["d_model"]
+    n_heads = config["n_heads"]
     seq_len = input_ids.shape[1]
     bias = alibi_bias(n_heads, config["max_seq_len"], config["alibi_bias_max"])[:, :, :, -seq_len:]
     key_padding_mask = attention_mask.bool() if attention_mask is not None else None

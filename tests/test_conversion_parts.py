@@ -6,18 +6,26 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel, MptForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionModel,
+    MptForCausalLM,
+)
 
 import otter
 from otter.cli import main
 from otter.conversion.mosaic_gpt import convert_mosaic_gpt, mpt_config
 from otter.conversion.open_clip import convert_open_clip
 from otter.conversion.openflamingo import convert_openflamingo
-from otter.tiny import tiny_tokenizer
+from otter.tiny import TEXT_CONFIGS, tiny_tokenizer
 
 from . import mosaic_gpt_reference as mosaic
 from .conversion_fixtures import (
     TINY_VIT,
+    factory,
     open_clip,
     reference_model,
     released_checkpoint,
@@ -98,8 +106,6 @@ def test_openflamingo_with_a_mosaic_gpt_language_model(mosaic_folder, vision, tm
     """OpenFlamingo-3B's shape: the LM folder is mosaic_gpt, converted on the fly; its padded vocabulary is cut."""
     folder, _, _ = mosaic_folder
     convert_mosaic_gpt(str(folder), tmp_path / "mpt")
-    from open_flamingo.src import factory
-
     monkeypatch.setattr(factory.AutoModelForCausalLM, "from_pretrained",
                         lambda path, **kwargs: otter.load_language_model(path))
     reference, _, _ = reference_model(*vision, tmp_path / "mpt", 1, monkeypatch)
@@ -122,10 +128,6 @@ def test_an_untied_head_absent_from_the_checkpoint_gets_mean_rows(vision, tmp_pa
     """OpenFlamingo never trains or saves an untied LLaMA head, so its rows for the new tokens are not in any file."""
     lm_folder = tmp_path / "lm"
     tokenizer = tiny_tokenizer()
-    from otter.tiny import TEXT_CONFIGS
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     settings = dict(TEXT_CONFIGS["llama"], tie_word_embeddings=False)
     language_model = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(settings.pop("model_type"), vocab_size=len(tokenizer), **settings))
