@@ -14,6 +14,7 @@ inside the prompt only, so that their answers cannot be known without reading th
 
 import math
 import random
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -97,8 +98,16 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def nonce_words(count: int, seed: int) -> list[str]:
-    """`count` distinct pronounceable nonce words (consonant-vowel-consonant, some with a second syllable)."""
+def is_held_out(word: str) -> bool:
+    """One nonce word in eight is held out: never trained on, kept for measuring in-context learning."""
+    return zlib.crc32(word.encode()) % 8 == 0
+
+
+def nonce_words(count: int, seed: int, held_out: bool = False) -> list[str]:
+    """
+    `count` distinct pronounceable nonce words (consonant-vowel-consonant, some with a second syllable), from the
+    training split or, with `held_out=True`, from the held-out split (see `is_held_out`): the two never share a word.
+    """
     rng = random.Random(seed)
     consonants, vowels = "bdfgklmnprstvwz", "aeiou"
     words = set()
@@ -106,7 +115,7 @@ def nonce_words(count: int, seed: int) -> list[str]:
         word = rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
         if rng.random() < 0.5:
             word += rng.choice(vowels) + rng.choice(consonants)
-        if word not in SHAPES and word not in COLOURS:
+        if word not in SHAPES and word not in COLOURS and is_held_out(word) == held_out:
             words.add(word)
     return sorted(words)
 
@@ -174,14 +183,16 @@ class ShapesWorld:
 
     def binding_episode(self, shots: int, words: list[str], ways: int = 2) -> dict:
         """
-        `ways` shape classes, each bound to a nonce word drawn from `words`; `shots` demonstrations cycling through
-        the classes in a shuffled order, then a query of one of them. The binding exists only in this episode.
+        `ways` shape classes, each bound to a nonce word drawn from `words`; `shots` demonstrations in rounds (each
+        round shows every class once, in a shuffled order, so any first `ways` demos show every class), then a query
+        of one of them. The binding exists only in this episode.
         """
         classes = self.rng.sample(self.shapes, ways)
         names = dict(zip(classes, self.rng.sample(words, ways)))
-        order = [classes[i % ways] for i in range(shots)]
-        self.rng.shuffle(order)
-        demos = [{"scene": self.scene(1, shape=shape), "answer": names[shape]} for shape in order]
+        order = []
+        while len(order) < shots:
+            order += self.rng.sample(classes, ways)
+        demos = [{"scene": self.scene(1, shape=shape), "answer": names[shape]} for shape in order[:shots]]
         query_shape = self.rng.choice(classes)
         return {"demos": demos, "query": {"scene": self.scene(1, shape=query_shape), "answer": names[query_shape]},
                 "names": names}

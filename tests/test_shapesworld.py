@@ -79,7 +79,14 @@ def test_binding_episodes_bind_only_inside_the_episode():
         for demo in episode["demos"]:
             assert demo["answer"] == names[demo["scene"].objects[0].shape]
         assert sorted(d["answer"] for d in episode["demos"]) == sorted(list(names.values()) * 2)
+        assert set(d["answer"] for d in episode["demos"][:2]) == set(names.values())  # rounds: every class early
         query = episode["query"]
         assert query["answer"] == names[query["scene"].objects[0].shape]
         queries.append(query["answer"])
     assert len(set(queries)) > 10  # the words change from episode to episode
+
+
+def test_held_out_nonce_words_are_never_training_words():
+    train, held_out = nonce_words(2000, seed=0), nonce_words(200, seed=0, held_out=True)
+    assert not set(train) & set(held_out)
+    assert set(nonce_words(300, seed=9)).isdisjoint(held_out)
