@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from otter.processing_otter import load_image
-from otter.prompts import few_shot_prompt
+from otter.prompts import IMAGE_TOKEN, PromptTemplate
 
 from .datasets import Benchmark, Example
 from .demos import ImageEmbedder, random_demos, rices_demos
@@ -72,7 +72,7 @@ def rank_classes(model, inputs: dict, class_token_ids: list[list[int]], classes_
     prompt = model(input_ids=input_ids, attention_mask=attention_mask, media_key_values=media_key_values,
                    use_cache=True, logits_to_keep=1)
     first_token_logprobs = prompt.logits[:, -1].float().log_softmax(-1)  # (B, vocab): predicts each class's 1st token
-    cache = prompt.past_key_values
+    cache = prompt.cache
     group = min(classes_per_forward, len(class_token_ids))
     cache.batch_repeat_interleave(group)  # row b * group + j: sample b, j-th class of the group
     rows_mask = attention_mask.repeat_interleave(group, 0)
@@ -88,7 +88,7 @@ def rank_classes(model, inputs: dict, class_token_ids: list[list[int]], classes_
         tokens = torch.tensor([t + [pad_id] * (length - len(t)) for t in classes], device=input_ids.device)
         tokens_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in classes], device=input_ids.device)
         tokens, tokens_mask = tokens.repeat(batch, 1), tokens_mask.repeat(batch, 1)  # (B * group, length)
-        logits = model(input_ids=tokens, attention_mask=torch.cat([rows_mask, tokens_mask], 1), past_key_values=cache,
+        logits = model(input_ids=tokens, attention_mask=torch.cat([rows_mask, tokens_mask], 1), cache=cache,
                        media_key_values=rows_media, media_index=rows_image[:, None].expand(-1, length),
                        use_cache=True).logits.float()  # (B * group, length, vocab)
         cache.crop(-length)
@@ -101,13 +101,31 @@ def rank_classes(model, inputs: dict, class_token_ids: list[list[int]], classes_
 
 
 # -- prompts ---------------------------------------------------------------------------------------------------------
+def _with_images(template: PromptTemplate, text: str, count: int, example: Example) -> str:
+    """`text`, one turn of `template`, starting with one `<image>` per image of the turn (`count`) instead of one."""
+    if count == 1:
+        return text
+    if template.template.count(IMAGE_TOKEN) != 1 or not text.startswith(IMAGE_TOKEN):
+        raise ValueError(f"sample {example.id!r} shows {count} images, but the prompt template {template.template!r} "
+                         f"does not start with a single {IMAGE_TOKEN} to repeat")
+    return IMAGE_TOKEN * count + text[len(IMAGE_TOKEN):]
+
+
 def build_prompt(task: Task, example: Example, demos: list[Example], shots: int) -> tuple[str, list]:
     """
-    A sample's prompt and its images. With `shots == 0` the demos are text-only (their `<image>` removed) and only
-    the query's image is given: OpenFlamingo's zero-shot protocol.
+    A sample's prompt and its images: every demo filled in (`PromptTemplate.demo`) and followed by the template's
+    separator, then the query cut before its answer (`PromptTemplate.query`), as `otter.prompts.few_shot_prompt` does.
+    A turn with several images (`Example.image` a tuple) starts with one `<image>` per image, as in training
+    (`otter.train.data.instruction_text`). With `shots == 0` the demos are text-only (their `<image>` removed) and only
+    the query's images are given: OpenFlamingo's zero-shot protocol.
     """
-    text = few_shot_prompt(task.prompt, [demo.fields for demo in demos], example.fields, text_only_demos=shots == 0)
-    images = ([demo.image for demo in demos] if shots > 0 else []) + [example.image]
+    template = task.prompt
+    context = "".join(_with_images(template, template.demo(**demo.fields), len(demo.images), demo) + template.separator
+                      for demo in demos)
+    if shots == 0:
+        context = context.replace(IMAGE_TOKEN, "")
+    text = context + _with_images(template, template.query(**example.fields), len(example.images), example)
+    images = ([image for demo in demos for image in demo.images] if shots > 0 else []) + list(example.images)
     return text, images
 
 
@@ -166,7 +184,8 @@ def evaluate(
     Evaluate `model` (an `OtterForConditionalGeneration`, in eval mode on its device) few-shot on `task` (a name in
     `TASKS`, or a `Task`), reading the data set under `data_dir` in the layout eval/README.md documents.
 
-    For each number of `shots` and each of `trials` (trial t draws random demonstrations with seed `seed + t`;
+    For each number of `shots` and each of `trials` (trial t draws random demonstrations with seed `seed + t`; a
+    sample with demonstrations of its own (`Example.demos`) uses its first k, in order, in every trial;
     `rices=True` retrieves them instead, by the image embeddings of `rices_encoder`, a (CLIP vision model, image
     processor) pair (see `ImageEmbedder`; default: the model's own vision tower), cached under `rices_cache`
     (default: `rices_cache/` next to `out`)),
@@ -195,10 +214,30 @@ def evaluate(
         if not 0 < num_samples <= len(test):
             raise ValueError(f"num_samples must be in [1, {len(test)}] (the split's size), got {num_samples}")
         test = [test[i] for i in sorted(random.Random(seed).sample(range(len(test)), num_samples))]
-    if not test or not benchmark.pool:
+    own_demos = sum(example.demos is not None for example in test)
+    if not test or (not benchmark.pool and own_demos < len(test)):
         raise ValueError(f"{task.name}: {len(test)} samples to evaluate and {len(benchmark.pool)} demonstrations under "
-                         f"{data_dir}; both must be non-empty")
-    logger.info("%s: %d samples to evaluate, %d demonstrations to draw from", task.name, len(test), len(benchmark.pool))
+                         f"{data_dir}; both must be non-empty (unless every sample has demonstrations of its own)")
+    if own_demos:
+        if rices:
+            raise ValueError(f"{task.name}: its samples under {data_dir} have demonstrations of their own; RICES does "
+                             "not apply (run without rices)")
+        if own_demos == len(test) and trials > 1:
+            raise ValueError(f"{task.name}: every sample has demonstrations of its own, the same in every trial; use "
+                             f"trials=1, got {trials}")
+        for num_shots in shots:
+            needed = num_shots or task.zero_shot_demos
+            for example in test:
+                if example.demos is not None and len(example.demos) < needed:
+                    raise ValueError(f"{task.name}: sample {example.id!r} has {len(example.demos)} demonstrations of "
+                                     f"its own, but a {num_shots}-shot prompt needs {needed}")
+    if task.ranks_classes and benchmark.class_names is None:
+        lacking = [example.id for example in test if example.candidates is None]
+        if lacking:
+            raise ValueError(f"{task.name} ranks class names, but the data under {data_dir} has no class names and "
+                             f"sample {lacking[0]!r} has no candidates")
+    logger.info("%s: %d samples to evaluate, %d demonstrations to draw from, %d samples with their own",
+                task.name, len(test), len(benchmark.pool), own_demos)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,11 +259,8 @@ def evaluate(
                                    max(n or task.zero_shot_demos for n in shots), device=model.device)
 
     class_token_ids = None
-    if task.ranks_classes:
-        class_token_ids = processor.tokenizer(benchmark.class_names, add_special_tokens=False)["input_ids"]
-        empty = [name for name, ids in zip(benchmark.class_names, class_token_ids) if not ids]
-        if empty:
-            raise ValueError(f"class names {empty} tokenize to nothing")
+    if task.ranks_classes and benchmark.class_names is not None:
+        class_token_ids = _class_token_ids(processor, benchmark.class_names)
 
     results = []
     with open(out.with_suffix(".samples.jsonl"), "a", encoding="utf-8") as log:
@@ -234,15 +270,17 @@ def evaluate(
             for trial in range(trials):
                 if rices:
                     plan = [row[len(row) - demos_per_sample:] for row in most_similar]
-                else:
+                elif own_demos < len(test):
                     plan = random_demos(len(benchmark.pool), len(test), demos_per_sample, seed + trial, query_set_size)
+                demos = [list(example.demos[:demos_per_sample]) if example.demos is not None
+                         else [benchmark.pool[j] for j in plan[i]] for i, example in enumerate(test)]
                 todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
                 progress = tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
                                 desc=f"{task.name} {num_shots}-shot trial {trial}")
                 for start in range(0, len(todo), batch_size):
                     indices = todo[start:start + batch_size]
                     records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
-                                         [plan[i] for i in indices], num_shots, class_token_ids, classes_per_forward)
+                                         [demos[i] for i in indices], num_shots, class_token_ids, classes_per_forward)
                     for record in records:
                         record.update(shots=num_shots, trial=trial)
                         log.write(json.dumps(record) + "\n")
@@ -254,26 +292,69 @@ def evaluate(
                 score, per_sample = task.score(test, records)
                 trial_results.append({"seed": None if rices else seed + trial, "score": score,
                                       "predictions": [{**r, **extra} for r, extra in zip(records, per_sample)]})
+                if task.group_by is not None:
+                    trial_results[-1]["groups"] = _group_scores(task, test, records)
                 logger.info("%s %d-shot trial %d: %s %.2f", task.name, num_shots, trial, task.metric, score)
             scores = [trial["score"] for trial in trial_results]
             results.append({"shots": num_shots, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
                             "trials": trial_results})
+            if task.group_by is not None:
+                results[-1]["groups"] = {group: statistics.fmean(trial["groups"][group] for trial in trial_results)
+                                         for group in trial_results[0]["groups"]}
 
     report = {"task": task.name, "metric": task.metric, "settings": settings, "results": results}
+    if task.group_by is not None:
+        report["group_by"] = task.group_by
     with open(out, "w", encoding="utf-8") as file:
         json.dump(report, file, indent=1)
     out.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
     return report
 
 
-def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: list[Example], plans: list[list[int]],
+def _class_token_ids(processor, names: list[str]) -> list[list[int]]:
+    """Each class name tokenized alone, as OpenFlamingo does."""
+    token_ids = processor.tokenizer(list(names), add_special_tokens=False)["input_ids"]
+    empty = [name for name, ids in zip(names, token_ids) if not ids]
+    if empty:
+        raise ValueError(f"class names {empty} tokenize to nothing")
+    return token_ids
+
+
+def _group_scores(task: Task, examples: list[Example], records: list[dict]) -> dict:
+    """The task's score over the samples of each group (the samples' `fields[task.group_by]`), groups sorted."""
+    groups = {}
+    for example, record in zip(examples, records):
+        groups.setdefault(str(example.fields[task.group_by]), []).append((example, record))
+    return {group: task.score([e for e, _ in pairs], [r for _, r in pairs])[0] for group, pairs in sorted(groups.items())}
+
+
+def _rank_candidates(model, processor, inputs: dict, examples: list[Example], class_names: list[str] | None,
+                     classes_per_forward: int) -> list[tuple[list[str], torch.Tensor]]:
+    """
+    Each sample's own class names (its `candidates`, else `class_names`) with their scores `(names,)`: the union of
+    the batch's names is ranked once by `rank_classes`, and each sample keeps its own columns.
+    """
+    names = [list(example.candidates) if example.candidates is not None else list(class_names) for example in examples]
+    union = list(dict.fromkeys(name for sample_names in names for name in sample_names))
+    logprobs = rank_classes(model, inputs, _class_token_ids(processor, union), classes_per_forward)  # (B, union)
+    column = {name: index for index, name in enumerate(union)}
+    return [(sample_names, row[[column[name] for name in sample_names]]) for sample_names, row in zip(names, logprobs)]
+
+
+def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: list[Example], demos: list[list[Example]],
                num_shots: int, class_token_ids, classes_per_forward: int) -> list[dict]:
     """Per-sample records of one batch: id, demonstration ids, the model's output and the prediction."""
-    demos = [[benchmark.pool[j] for j in plan] for plan in plans]
     prompts = [build_prompt(task, example, sample_demos, num_shots) for example, sample_demos in zip(examples, demos)]
     inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts])
     records = [{"id": example.id, "demos": [demo.id for demo in sample_demos]}
                for example, sample_demos in zip(examples, demos)]
+    if task.ranks_classes and any(example.candidates is not None for example in examples):
+        ranked = _rank_candidates(model, processor, inputs, examples, benchmark.class_names, classes_per_forward)
+        for record, (names, scores) in zip(records, ranked):
+            top = scores.topk(min(task.top_k, len(names)))
+            record["top"] = [[names[i], value] for i, value in zip(top.indices.tolist(), top.values.tolist())]
+            record["prediction"] = record["top"][0][0]
+        return records
     if task.ranks_classes:
         logprobs = rank_classes(model, inputs, class_token_ids, classes_per_forward)  # (B, classes)
         top = logprobs.topk(min(task.top_k, logprobs.shape[1]), dim=1)
@@ -290,9 +371,17 @@ def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: lis
 
 
 def markdown_summary(report: dict) -> str:
-    """One row per number of shots: mean and standard deviation of the score over trials."""
+    """
+    One row per number of shots: mean and standard deviation of the score over trials; for a task that groups its
+    samples (`Task.group_by`), a second table with the mean score of each group.
+    """
     lines = ["| task | shots | metric | mean | std | trials |", "|---|---:|---|---:|---:|---:|"]
     for result in report["results"]:
         lines.append(f"| {report['task']} | {result['shots']} | {report['metric']} | {result['mean']:.2f} | "
                      f"{result['std']:.2f} | {len(result['trials'])} |")
+    if report.get("group_by") is not None:
+        lines += ["", f"| task | shots | {report['group_by']} | metric | mean |", "|---|---:|---|---|---:|"]
+        for result in report["results"]:
+            for group, score in result["groups"].items():
+                lines.append(f"| {report['task']} | {result['shots']} | {group} | {report['metric']} | {score:.2f} |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_otter import OtterConfig
 from .cross_attention import GatedCrossAttentionBlock, OtterDecoderLayer, media_attention_mask
@@ -32,7 +33,7 @@ class OtterModelOutputWithPast(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -48,7 +49,7 @@ class OtterCausalLMOutputWithPast(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -220,7 +221,7 @@ class OtterModel(OtterPreTrainedModel):
             )
 
     @contextmanager
-    def _conditioned_on(self, input_ids, media_key_values, media_index, past_key_values):
+    def _conditioned_on(self, input_ids, media_key_values, media_index, cache):
         """Hand every cross-attention layer its media, keys/values and mask for one forward call."""
         layers = [layer for layer in self.decoder_layers() if layer.gated_cross_attn_layer is not None]
         if media_key_values is not None:
@@ -232,9 +233,9 @@ class OtterModel(OtterPreTrainedModel):
                 )
             num_media = self._num_media(media_key_values)
             if media_index is None:
-                if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                if cache is not None and cache.get_seq_length() > 0:
                     raise ValueError(
-                        "with past_key_values, pass media_index for the new tokens: model.media_index(full_input_ids)"
+                        "with a filled cache, pass media_index for the new tokens: model.media_index(full_input_ids)"
                         "[:, -new_tokens:] (generate() does this for you)"
                     )
                 media_index = self.media_index(input_ids)
@@ -259,19 +260,20 @@ class OtterModel(OtterPreTrainedModel):
         image_features = self.get_image_features(pixel_values)
         return image_features, self.get_media_key_values(image_features)
 
-    def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, past_key_values, **kwargs):
+    def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, **kwargs):
         """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
         image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
-        with self._conditioned_on(input_ids, media_key_values, media_index, past_key_values):
-            outputs = language_model(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        with self._conditioned_on(input_ids, media_key_values, media_index, cache):
+            outputs = language_model(input_ids=input_ids, cache=cache, **kwargs)
         return image_features, outputs
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         media_key_values: torch.Tensor | None = None,
         media_index: torch.LongTensor | None = None,
@@ -282,15 +284,15 @@ class OtterModel(OtterPreTrainedModel):
         `(batch, media, frames, C, H, W)` (or 5-D for single frames), media padded with anything for samples with
         fewer images (padded media are never attended). `media_key_values` (from `get_media_key_values`) replaces
         pixel_values when the images were encoded already; `media_index` (from `media_index()` on the full sequence)
-        is needed when decoding new tokens against `past_key_values`.
+        is needed when decoding new tokens against `cache`.
         """
         image_features, outputs = self._run(
-            self.language_model.base_model, input_ids, pixel_values, media_key_values, media_index, past_key_values,
+            self.language_model.base_model, input_ids, pixel_values, media_key_values, media_index, cache,
             attention_mask=attention_mask, use_cache=use_cache, **kwargs,
         )
         return OtterModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -312,13 +314,14 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         # whole sequence; cached decoding is exact, so it is the default for every family
         self.generation_config.use_cache = True
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         media_key_values: torch.Tensor | None = None,
         media_index: torch.LongTensor | None = None,
@@ -329,13 +332,13 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         cross-entropy, ignoring -100.
         """
         image_features, outputs = self._run(
-            self.language_model, input_ids, pixel_values, media_key_values, media_index, past_key_values,
+            self.language_model, input_ids, pixel_values, media_key_values, media_index, cache,
             attention_mask=attention_mask, labels=labels, use_cache=use_cache, **kwargs,
         )
         return OtterCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,

@@ -86,7 +86,7 @@ def test_forward_returns_loss_logits_cache_and_image_features(tiny, images):
     config = model.config
     assert out.loss.ndim == 0 and out.loss.isfinite()
     assert out.logits.shape == (*batch["input_ids"].shape, model.get_input_embeddings().weight.shape[0])
-    assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
+    assert out.cache.get_seq_length() == batch["input_ids"].shape[1]
     assert out.image_hidden_states.shape == (2, 2, config.perceiver_num_latents, config.vision_config.hidden_size)
 
 
