@@ -21,12 +21,24 @@ class Example:
     One sample. `fields` fill the task's prompt template (the answer field included: it is what a demonstration
     shows); `target` is what the metric compares a prediction with (VQA answer records, reference captions, a class
     name, a 0/1 label).
+
+    `image` is one image path, or a tuple of paths for a turn that shows several images (its prompt then starts with
+    one `<image>` per image, in order). `demos`, when set, are the sample's own demonstrations: a k-shot prompt uses
+    the first k of them, in order, instead of drawing from the pool. `candidates`, when set, are the class names a
+    ranking task scores for this sample (instead of `Benchmark.class_names`).
     """
 
     id: Any
-    image: Path
+    image: Path | tuple[Path, ...]
     fields: dict
     target: Any
+    demos: tuple["Example", ...] | None = None
+    candidates: tuple[str, ...] | None = None
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """The sample's images, in `<image>` order."""
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from otter.prompts import CAPTION, CLASSIFICATION, HATEFUL_MEMES, VQA, PromptTemplate
+from otter.prompts import CAPTION, CLASSIFICATION, HATEFUL_MEMES, OTTER_CHAT, VQA, PromptTemplate
 
 from .datasets import Benchmark, Example, load_captions, load_hateful_memes, load_image_folder, load_vqa
 from .metrics import (
@@ -23,6 +23,7 @@ from .metrics import (
     roc_auc,
     vqa_accuracy,
 )
+from .shapesworld import load_shapesworld_binding, load_shapesworld_comparison, load_shapesworld_vqa
 
 # A scorer takes the evaluated examples and their per-sample records (same order) and returns the score and one dict
 # of per-sample metric values per example.
@@ -45,6 +46,18 @@ def score_top1(examples: list[Example], records: list[dict]) -> tuple[float, lis
     return 100 * statistics.fmean(correct), [{"correct": flag} for flag in correct]
 
 
+def normalise_exact(text: str) -> str:
+    """What exact-match tasks compare: the text without surrounding whitespace, lower-cased."""
+    return text.strip().lower()
+
+
+def score_exact_match(examples: list[Example], records: list[dict]) -> tuple[float, list[dict]]:
+    """Percentage of predictions equal to the target string, both stripped and lower-cased."""
+    correct = [normalise_exact(record["prediction"]) == normalise_exact(example.target)
+               for example, record in zip(examples, records)]
+    return 100 * statistics.fmean(correct), [{"correct": flag} for flag in correct]
+
+
 def score_roc_auc(examples: list[Example], records: list[dict]) -> tuple[float, list[dict]]:
     """Binary tasks ranked over ["no", "yes"]: the score of a sample is P("yes"), the softmax over both classes."""
     probabilities = []
@@ -62,11 +75,13 @@ class Task:
     load: data_dir -> Benchmark (demonstration pool, evaluated split, class names).
     prompt: the template of one example (demonstrations and query alike).
     generation: `generate()` settings for open-ended tasks; None for ranking tasks, which score every class name
-        (`Benchmark.class_names`) by its mean per-token log-probability after the prompt.
+        (`Benchmark.class_names`, or a sample's own `Example.candidates`) by its mean per-token log-probability after
+        the prompt.
     postprocess: generated text -> prediction.
     score: see `Scorer`.
     zero_shot_demos: how many text-only demonstrations a 0-shot prompt carries (Flamingo's protocol; only the
         query's image is given).
+    group_by: a key of the samples' `fields`; when set, the results also give the score of each group of samples.
     """
 
     name: str
@@ -78,6 +93,7 @@ class Task:
     postprocess: Callable[[str], str] | None = None
     zero_shot_demos: int = 2
     top_k: int = 1  # ranking tasks: how many best classes each record keeps, as [name, mean log-prob] pairs
+    group_by: str | None = None
 
     @property
     def ranks_classes(self) -> bool:
@@ -111,6 +127,21 @@ TASKS: dict[str, Task] = {
     "hateful_memes": Task(name="hateful_memes", metric="ROC AUC", load=load_hateful_memes, prompt=HATEFUL_MEMES,
                           score=score_roc_auc, top_k=2),
 }
+
+
+# ShapesWorld (otter.shapesworld), held-out sets written by otter.eval.shapesworld.write_eval_sets: Otter's chat
+# format exactly as training writes it, each sample's own demonstrations, no demonstrations at all at 0 shots.
+TASKS["shapesworld_vqa"] = Task(
+    name="shapesworld_vqa", metric="exact-match accuracy", load=load_shapesworld_vqa, prompt=OTTER_CHAT,
+    score=score_exact_match, generation=dict(num_beams=1, max_new_tokens=8), postprocess=normalise_exact,
+    zero_shot_demos=0, group_by="kind")
+TASKS["shapesworld_binding"] = Task(
+    name="shapesworld_binding", metric="top-1 accuracy", load=load_shapesworld_binding,
+    prompt=OTTER_CHAT, score=score_top1, zero_shot_demos=0, top_k=2)
+TASKS["shapesworld_comparison"] = Task(
+    name="shapesworld_comparison", metric="exact-match accuracy", load=load_shapesworld_comparison,
+    prompt=OTTER_CHAT, score=score_exact_match, generation=dict(num_beams=1, max_new_tokens=48),
+    postprocess=normalise_exact, zero_shot_demos=0)
 
 
 def get_task(task: "str | Task") -> Task:

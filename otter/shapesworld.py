@@ -36,6 +36,10 @@ QUESTIONS = {
 }
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 @dataclass(frozen=True)
 class Shape:
     """One object: its class, colour, centre and radius as fractions of the image side."""
@@ -47,7 +51,7 @@ class Shape:
     radius: float
 
     def describe(self) -> str:
-        return f"a {self.colour} {self.shape}"
+        return f"{article(self.colour)} {self.colour} {self.shape}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
                    (-b, -b)]
         return [(cx + dx, cy + dy) for dx, dy in offsets]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def describe(scene: Scene) -> str:
+    """A scene in words, objects from left to right: "a red star on the left", "a red star and a blue circle"."""
+    objects = sorted(scene.objects, key=lambda obj: (obj.x, obj.y))
+    text = " and ".join(obj.describe() for obj in objects)
+    if scene.position is not None:
+        text += " in the centre" if scene.position == "centre" else f" on the {scene.position}"
+    return text
 
 
 def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
@@ -145,12 +158,8 @@ class ShapesWorld:
                            for x, y in cells))
 
     def caption(self) -> dict:
-        scene = self.scene(self.rng.choice((1, 1, 2, 3)))
-        ordered = sorted(scene.objects, key=lambda obj: (obj.x, obj.y))
-        text = " and ".join(obj.describe() for obj in ordered)
-        if scene.position is not None:
-            text += f" on the {scene.position}" if scene.position != "centre" else " in the centre"
-        return {"scene": scene, "caption": text + "."}
+        scene = self.scene(self.rng.choice((1, 1, 2, 3, 4)))
+        return {"scene": scene, "caption": describe(scene) + "."}
 
     def vqa(self, kind: str | None = None) -> dict:
         """A question about one scene: `kind` is one of VQA_KINDS (random when None)."""
@@ -168,7 +177,8 @@ class ShapesWorld:
                     asked = (self.rng.choice([c for c in self.colours if c != obj.colour]), obj.shape)
                 else:
                     asked = (obj.colour, self.rng.choice([s for s in self.shapes if s != obj.shape]))
-            return {"scene": scene, "kind": kind, "question": f"Is there a {asked[0]} {asked[1]}?", "answer": answer}
+            question = f"Is there {article(asked[0])} {asked[0]} {asked[1]}?"
+            return {"scene": scene, "kind": kind, "question": question, "answer": answer}
         if kind not in QUESTIONS:
             raise ValueError(f"unknown VQA kind {kind!r}; expected one of {VQA_KINDS}")
         answer = {"colour": obj.colour, "shape": obj.shape, "position": scene.position}[kind]

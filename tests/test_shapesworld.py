@@ -50,7 +50,8 @@ def test_vqa_answers_are_true_of_the_image(kind):
                         "bottom": ys.mean() > 38, "centre": abs(xs.mean() - 32) < 6 and abs(ys.mean() - 32) < 6}
             assert expected[record["answer"]], (record["answer"], xs.mean(), ys.mean(), obj)
         elif kind == "yes/no":
-            colour, shape = record["question"][len("Is there a "):-1].split(" ")
+            article, colour, shape = record["question"][len("Is there "):-1].split(" ")
+            assert article == ("an" if colour == "orange" else "a")
             truth = (colour, shape) == (objects[0].colour, objects[0].shape)
             assert record["answer"] == ("yes" if truth else "no")
         else:
