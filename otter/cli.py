@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from otter.eval.cli import register as register_evaluation
 
     register_evaluation(commands)
+    from otter.chat import register as register_chat
+
+    register_chat(commands)
     return parser
 
 

@@ -1,0 +1,291 @@
+"""
+`otter generate` (one prompt, its images, one answer) and `otter chat` (an interactive conversation on stdin/stdout),
+for any Otter model folder: registered by otter/cli.py. Imports of torch-heavy modules wait until a command runs.
+"""
+
+import argparse
+import sys
+from typing import NamedTuple
+
+DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("chat", "raw")
+CHAT_HELP = "commands: /image PATH (attach an image to the next message), /reset (forget the conversation), /quit"
+
+
+class ChatTurn(NamedTuple):
+    """One exchange of a conversation: the user's message, its images (PIL), and the model's answer."""
+
+    message: str
+    images: list
+    answer: str
+
+
+def chat_template(prompt_format: str):
+    """
+    The template a conversation is written in. `chat`: Otter's instruction format (`OTTER_CHAT`, what MIMIC-IT
+    training writes). `raw`: the same User/GPT dialogue without the `<answer>` token, for models never trained with
+    it (OpenFlamingo's releases), which would otherwise read `<answer>` as a handful of unrelated sub-word pieces.
+    """
+    from .prompts import ANSWER_TOKEN, OTTER_CHAT, PromptTemplate
+
+    if prompt_format not in FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {FORMATS}")
+    if prompt_format == "chat":
+        return OTTER_CHAT
+    return PromptTemplate(OTTER_CHAT.template.replace(ANSWER_TOKEN, ""), OTTER_CHAT.answer_field, OTTER_CHAT.separator)
+
+
+def _turn_text(template, message: str, num_images: int, answer: str | None = None) -> str:
+    """One turn, with one `<image>` per image at its start (none without images), as training writes it."""
+    from .prompts import IMAGE_TOKEN
+
+    text = template.query(instruction=message) if answer is None else template.demo(instruction=message, answer=answer)
+    return IMAGE_TOKEN * num_images + text.removeprefix(IMAGE_TOKEN)
+
+
+def chat_prompt(history: list[ChatTurn], message: str, num_images: int, template=None) -> str:
+    """
+    The prompt for the next turn of a conversation: the earlier turns as in-context demos (each a filled template,
+    `<|endofchunk|>` and the template's separator, as `otter.prompts.few_shot_prompt` joins them), then `message` as
+    a query ending where the answer starts. With `OTTER_CHAT` (the default) this is exactly the training text of the
+    same turns (`otter.train.data.instruction_text`) cut before the last answer.
+    """
+    if template is None:
+        template = chat_template("chat")
+    context = "".join(_turn_text(template, turn.message, len(turn.images), turn.answer) + template.separator
+                      for turn in history)
+    return context + _turn_text(template, message, num_images)
+
+
+def single_prompt(text: str, num_images: int, prompt_format: str | None, has_answer_token: bool) -> str:
+    """
+    `otter generate`'s prompt. Text with `<image>` markers is used as is (one marker per image); otherwise it is
+    wrapped: `chat` puts it in Otter's chat format (`<image>...User: {text} GPT:<answer>`), `raw` puts the images'
+    markers before it (OpenFlamingo style). `prompt_format=None` picks chat when the tokenizer knows `<answer>`.
+    """
+    from .prompts import IMAGE_TOKEN
+
+    markers = text.count(IMAGE_TOKEN)
+    if markers:
+        if prompt_format is not None:
+            raise ValueError(f"--format {prompt_format} wraps a plain prompt; this prompt already holds <image> "
+                             "markers and is used as is (drop --format, or the markers)")
+        if markers != num_images:
+            raise ValueError(f"the prompt holds {markers} <image> markers but {num_images} images were given "
+                             "(--image): give one --image per marker, in order")
+        return text
+    if prompt_format is None:
+        prompt_format = "chat" if has_answer_token else "raw"
+    if prompt_format == "raw":
+        return IMAGE_TOKEN * num_images + text
+    return chat_prompt([], text, num_images, chat_template("chat"))
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+def load_model(path: str, device: str | None, dtype: str):
+    """An Otter folder -> (model in eval mode on `device` in `dtype`, processor); SystemExit naming a bad folder."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from otter import OtterForConditionalGeneration, OtterProcessor
+
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise SystemExit(f"otter: model folder {folder} does not exist")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"otter: {folder} is not an Otter model folder: cannot read {config_file} ({error})") from None
+    if model_type != "otter":
+        raise SystemExit(f"otter: {folder} is not an Otter model folder: {config_file} has model_type {model_type!r}, "
+                         "expected 'otter' (convert a checkpoint with `otter convert`)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model = OtterForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+        processor = OtterProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"otter: could not load the Otter model in {folder}: {error}") from None
+    return model, processor
+
+
+def read_image(path: str):
+    """An image file -> upright RGB PIL image; a ValueError naming the path when it is missing or unreadable."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .processing_otter import load_image
+
+    if not Path(path).is_file():
+        raise ValueError(f"image {path} does not exist" if not Path(path).exists() else f"image {path} is not a file")
+    try:
+        return load_image(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"image {path} could not be read ({error})") from None
+
+
+def generation_kwargs(args) -> dict:
+    """The `generate()` options the command line gave; decoding is greedy unless --do-sample."""
+    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
+        raise SystemExit("otter: --temperature and --top-p apply to sampling: add --do-sample")
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"otter: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.num_beams is not None:
+        kwargs["num_beams"] = args.num_beams
+    if args.do_sample:
+        kwargs.update({name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p))
+                       if value is not None})
+    return kwargs
+
+
+def answer(model, processor, prompt: str, images: list, **kwargs) -> str:
+    """The model's answer to `prompt` (with one image per `<image>` marker): the new tokens, up to `<|endofchunk|>`."""
+    import torch
+
+    inputs = processor(text=[prompt], images=[images]).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        sequences = model.generate(**inputs, **kwargs)
+    return processor.decode_answers(sequences, inputs["input_ids"].shape[1])[0]
+
+
+def _has_answer_token(processor) -> bool:
+    from .prompts import ANSWER_TOKEN
+
+    return ANSWER_TOKEN in processor.tokenizer.get_vocab()
+
+
+def _seed(args) -> None:
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+
+
+# -- otter generate -----------------------------------------------------------------------------------------------
+def run_generate(args) -> None:
+    kwargs = generation_kwargs(args)
+    try:
+        images = [read_image(path) for path in args.image]
+    except ValueError as error:
+        raise SystemExit(f"otter: {error}") from None
+    model, processor = load_model(args.model, args.device, args.dtype)
+    try:
+        prompt = single_prompt(args.prompt, len(images), args.format, _has_answer_token(processor))
+    except ValueError as error:
+        raise SystemExit(f"otter: {error}") from None
+    _seed(args)
+    print(answer(model, processor, prompt, images, **kwargs))
+
+
+# -- otter chat ---------------------------------------------------------------------------------------------------
+def _context_limit(model) -> int | None:
+    """The language model's maximum sequence length, when its config states one."""
+    text_config = model.config.text_config
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def run_chat(args) -> None:
+    from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN
+
+    kwargs = generation_kwargs(args)
+    model, processor = load_model(args.model, args.device, args.dtype)
+    prompt_format = args.format or ("chat" if _has_answer_token(processor) else "raw")
+    template = chat_template(prompt_format)
+    limit = _context_limit(model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"otter chat: {args.model} ({prompt_format} format). {CHAT_HELP}", file=sys.stderr)
+    _seed(args)
+    history: list[ChatTurn] = []
+    pending: list = []  # images attached to the next message
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            history.clear()
+            pending.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if command == "/image":
+            if not rest.strip():
+                print("error: /image needs a path: /image PATH", file=sys.stderr)
+                continue
+            try:
+                pending.append(read_image(rest.strip()))
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+            continue
+        if command.startswith("/"):
+            print(f"error: unknown command {command}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        special = next((token for token in (IMAGE_TOKEN, END_OF_CHUNK, ANSWER_TOKEN) if token in line), None)
+        if special is not None:
+            print(f"error: a message cannot hold the special token {special}; attach images with /image PATH",
+                  file=sys.stderr)
+            continue
+        prompt = chat_prompt(history, line, len(pending), template)
+        if limit is not None:  # forget the oldest turns rather than overflow the language model's positions
+            while history and len(processor.tokenizer(prompt)["input_ids"]) + kwargs["max_new_tokens"] > limit:
+                history.pop(0)
+                print("(context full: the oldest turn was forgotten)", file=sys.stderr)
+                prompt = chat_prompt(history, line, len(pending), template)
+        images = [image for turn in history for image in turn.images] + pending
+        reply = answer(model, processor, prompt, images, **kwargs)
+        print(reply, flush=True)
+        history.append(ChatTurn(line, pending, reply))
+        pending = []
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="an Otter model folder (weights, tokenizer, processor)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="chat: Otter's 'User: ... GPT:<answer>' instruction format; raw: OpenFlamingo style "
+                             "(default: chat when the tokenizer has the <answer> token, else raw)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --do-sample)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="weights are cast to this on load (float32 on CPU, even for fp16 checkpoints)")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "generate", help="answer one prompt about one or more images",
+        description="Answer one prompt about images; prints only the answer. A prompt with <image> markers is used "
+                    "as is (one --image per marker); a plain prompt is wrapped in the model's format (--format).",
+    )
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image file; repeat for several, in the order of the prompt's <image> markers")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    _add_generation_options(parser)
+    parser.set_defaults(func=run_generate)
+    parser = commands.add_parser(
+        "chat", help="talk with a model about images, interactively (stdin/stdout)",
+        description="A conversation on stdin/stdout: each line is a message, answered on one line; earlier turns "
+                    f"and their images stay in context. {CHAT_HELP}; end of input also ends.",
+    )
+    _add_generation_options(parser)
+    parser.set_defaults(func=run_chat)
