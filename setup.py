@@ -18,6 +18,6 @@ setup(
     install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
     extras_require={"test": ["pytest>=8", "open-clip-torch>=2.23", "tensorboard>=2.14"],
                     "train": ["tensorboard>=2.14"]},
-    package_data={"otter.train": ["configs/*.yaml", "README.md"]},
+    package_data={"otter": ["models/shapesworld/*"], "otter.train": ["configs/*.yaml", "README.md"]},
     entry_points={"console_scripts": ["otter=otter.cli:main"]},
 )

@@ -1,5 +1,7 @@
 """Otter: Flamingo-style multimodal in-context learning on transformers. Importing it registers the Auto classes."""
 
+from pathlib import Path
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -14,6 +16,9 @@ from .factory import from_parts
 from .language_models import load_language_model
 from .modeling_otter import OtterForConditionalGeneration, OtterModel, OtterPreTrainedModel
 from .processing_otter import OtterImageProcessor, OtterProcessor
+
+# the tiny ShapesWorld model the package ships (trained by `otter train shapesworld`; see the README)
+SHAPESWORLD_MODEL = Path(__file__).parent / "models" / "shapesworld"
 
 AutoConfig.register("otter", OtterConfig)
 AutoModel.register(OtterConfig, OtterModel)
@@ -31,4 +36,5 @@ __all__ = [
     "OtterImageProcessor",
     "from_parts",
     "load_language_model",
+    "SHAPESWORLD_MODEL",
 ]

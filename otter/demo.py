@@ -1,0 +1,157 @@
+"""
+`otter demo`: few-shot prompting of the model the package ships (`otter.SHAPESWORLD_MODEL`), offline, on freshly
+rendered ShapesWorld episodes. It prints every prompt, answer and the accuracy, and writes an HTML page showing the
+images beside the answers. Registered by otter/cli.py.
+"""
+
+import argparse
+import base64
+import html
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .shapesworld import VQA_KINDS, ShapesWorld, describe, nonce_words, render
+
+
+@dataclass
+class Episode:
+    """One few-shot prompt: demonstrations (scenes, instruction, answer), then the query; filled in by `run`."""
+
+    task: str
+    shots: int
+    demos: list[dict]
+    query: dict
+    prompt: str = ""
+    answer: str = ""
+    images: list = field(default_factory=list)
+
+    @property
+    def correct(self) -> bool:
+        return self.answer.strip().lower() == self.query["answer"].strip().lower()
+
+
+def episodes(seed: int, count: int, shots: int) -> list[Episode]:
+    """
+    `count` episodes of each kind, drawn from `ShapesWorld(seed)`: fast binding with held-out nonce words (each
+    query asked with no demonstrations, then with `shots`), VQA (2 demonstrations, query kinds in turn) and
+    two-image comparisons (1 demonstration).
+    """
+    world = ShapesWorld(seed)
+    words = nonce_words(200, seed, held_out=True)
+    result = []
+    for _ in range(count):
+        episode = world.binding_episode(shots, words=words, ways=2)
+        turns = [{"scenes": [turn["scene"]], "instruction": "What is it called?", "answer": turn["answer"]}
+                 for turn in [*episode["demos"], episode["query"]]]
+        result.append(Episode("fast binding", 0, [], turns[-1]))
+        result.append(Episode("fast binding", shots, turns[:-1], turns[-1]))
+    for index in range(count):
+        vqa = [world.vqa(VQA_KINDS[(index + offset) % len(VQA_KINDS)]) for offset in (1, 2, 0)]
+        turns = [{"scenes": [record["scene"]], "instruction": record["question"], "answer": record["answer"]}
+                 for record in vqa]
+        result.append(Episode("VQA", 2, turns[:-1], turns[-1]))
+    for _ in range(count):
+        turns = [{"scenes": list(record["scenes"]), "instruction": record["question"], "answer": record["answer"]}
+                 for record in (world.comparison(), world.comparison())]
+        result.append(Episode("comparison", 1, turns[:-1], turns[-1]))
+    return result
+
+
+def run(model, processor, episode: Episode, max_new_tokens: int) -> None:
+    """Prompt the model with the episode in the chat format it was trained on; greedy answer."""
+    from .chat import ChatTurn, answer, chat_prompt
+
+    history = [ChatTurn(turn["instruction"], [render(scene) for scene in turn["scenes"]], turn["answer"])
+               for turn in episode.demos]
+    query_images = [render(scene) for scene in episode.query["scenes"]]
+    episode.prompt = chat_prompt(history, episode.query["instruction"], len(query_images))
+    episode.images = [image for turn in history for image in turn.images] + query_images
+    episode.answer = answer(model, processor, episode.prompt, episode.images, max_new_tokens=max_new_tokens,
+                            do_sample=False)
+
+
+def _scenes(episode: Episode) -> list:
+    return [scene for turn in [*episode.demos, episode.query] for scene in turn["scenes"]]
+
+
+def _data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_html(path: Path, episodes: list[Episode], summary: list[str], model_path: str) -> None:
+    """One row per episode: its images (demonstrations, then the query), the prompt, the answer and the target."""
+    rows = []
+    for episode in episodes:
+        images = "".join(f'<img src="{_data_uri(image)}" title="{html.escape(describe(scene))}">'
+                         for image, scene in zip(episode.images, _scenes(episode)))
+        mark = "&#10004;" if episode.correct else "&#10008;"
+        rows.append(
+            f'<tr class="{"ok" if episode.correct else "bad"}"><td>{html.escape(episode.task)}<br>{episode.shots}-shot'
+            f'</td><td class="images">{images}</td><td><pre>{html.escape(episode.prompt)}</pre></td>'
+            f"<td><b>{html.escape(episode.answer)}</b> {mark}<br><small>expected: "
+            f"{html.escape(episode.query['answer'])}</small></td></tr>")
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary)
+    path.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>otter demo</title><style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
+td {{ border: 1px solid #ccc; padding: 6px; vertical-align: top; }} pre {{ white-space: pre-wrap; max-width: 40em; }}
+img {{ width: 64px; height: 64px; margin: 2px; border: 1px solid #ddd; image-rendering: pixelated; }}
+.images {{ max-width: 380px; }} .ok b {{ color: #176f2c; }} .bad b {{ color: #b00020; }}
+</style></head><body><h1>otter demo</h1><p>model: {html.escape(model_path)}</p><ul>{items}</ul>
+<table><tr><th>task</th><th>images (demonstrations, then the query)</th><th>prompt</th><th>answer</th></tr>
+{''.join(rows)}</table></body></html>
+""", encoding="utf-8")
+
+
+def main(args) -> None:
+    from . import SHAPESWORLD_MODEL
+    from .chat import load_model
+
+    if args.episodes < 1 or args.shots < 1:
+        raise SystemExit(f"otter: --episodes and --shots must be at least 1, got {args.episodes} and {args.shots}")
+    start = time.perf_counter()
+    model_path = args.model or str(SHAPESWORLD_MODEL)
+    model, processor = load_model(model_path, args.device, "float32")
+    print(f"otter demo: {model_path} ({sum(p.numel() for p in model.parameters()):,} parameters), few-shot "
+          f"prompting on freshly rendered ShapesWorld episodes (seed {args.seed})\n")
+    todo = episodes(args.seed, args.episodes, args.shots)
+    for number, episode in enumerate(todo, 1):
+        run(model, processor, episode, args.max_new_tokens)
+        images = "; ".join(f"<image> {i + 1}: {describe(scene)}" for i, scene in enumerate(_scenes(episode)))
+        print(f"--- episode {number}: {episode.task}, {episode.shots}-shot ({images})")
+        print(episode.prompt)
+        print(f"answer: {episode.answer!r}   expected: {episode.query['answer']!r}   "
+              f"{'correct' if episode.correct else 'WRONG'}\n")
+    summary = []
+    for task, shots in dict.fromkeys((episode.task, episode.shots) for episode in todo):
+        done = [episode for episode in todo if (episode.task, episode.shots) == (task, shots)]
+        right = sum(episode.correct for episode in done)
+        summary.append(f"{task}, {shots}-shot: {right}/{len(done)} correct ({100 * right / len(done):.0f}%)")
+    summary.append("fast binding names shapes with nonce words bound only inside the prompt: unknowable with 0 shots, "
+                   "learnt in context from the demonstrations")
+    out = Path(args.out)
+    write_html(out, todo, summary, model_path)
+    print("accuracy:\n  " + "\n  ".join(summary[:-1]))
+    print(f"\nwrote {out} (images beside the answers) in {time.perf_counter() - start:.1f} s")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "demo", help="few-shot prompting of the shipped ShapesWorld model, offline",
+        description="Few-shot prompting of the model the package ships on freshly rendered ShapesWorld episodes: "
+                    "prints the prompts, the answers and the accuracy, and writes an HTML page of the images beside "
+                    "the answers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default=None, help="an Otter folder (default: the model the package ships)")
+    parser.add_argument("--episodes", type=int, default=4, help="episodes of each kind")
+    parser.add_argument("--shots", type=int, default=4, help="demonstrations in a fast-binding prompt")
+    parser.add_argument("--seed", type=int, default=0, help="which episodes are drawn")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--out", default="otter-demo.html", help="the HTML page to write")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.set_defaults(func=main)

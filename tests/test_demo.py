@@ -1,0 +1,64 @@
+"""The model the package ships (`otter.SHAPESWORLD_MODEL`) and `otter demo`, the README's main command."""
+
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from otter import SHAPESWORLD_MODEL
+from otter.cli import main
+from otter.demo import episodes, run
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = AutoModelForImageTextToText.from_pretrained(SHAPESWORLD_MODEL, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(SHAPESWORLD_MODEL)
+
+
+def test_the_shipped_model_is_small_fp16_safetensors():
+    weights = SHAPESWORLD_MODEL / "model.safetensors"
+    assert weights.stat().st_size < 10 * 2**20
+    with safe_open(weights, "pt") as tensors:
+        assert {tensors.get_slice(name).get_dtype() for name in tensors.keys()} == {"F16"}
+
+
+def test_the_shipped_model_learns_names_in_context(shipped):
+    """Fast binding with held-out nonce words: unknowable without demonstrations, read from them with."""
+    model, processor = shipped
+    todo = [episode for episode in episodes(seed=7, count=10, shots=4) if episode.task == "fast binding"]
+    for episode in todo:
+        run(model, processor, episode, max_new_tokens=8)
+    zero = [episode.correct for episode in todo if episode.shots == 0]
+    four = [episode.correct for episode in todo if episode.shots == 4]
+    assert sum(zero) <= 2 and sum(four) >= 8, (zero, four)
+
+
+def test_the_shipped_model_answers_questions_and_compares(shipped):
+    model, processor = shipped
+    todo = [episode for episode in episodes(seed=8, count=10, shots=4) if episode.task != "fast binding"]
+    for episode in todo:
+        run(model, processor, episode, max_new_tokens=24)
+    assert sum(episode.correct for episode in todo if episode.task == "VQA") >= 8
+    assert sum(episode.correct for episode in todo if episode.task == "comparison") >= 7
+
+
+def test_demo_prints_prompts_answers_accuracy_and_writes_the_page(tmp_path, capsys):
+    out = tmp_path / "demo.html"
+    main(["demo", "--episodes", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count("--- episode") == 8
+    assert "<image>User: What is it called? GPT:<answer>" in printed
+    assert re.search(r"fast binding, 4-shot: \d/2 correct", printed)
+    assert re.search(r"comparison, 1-shot: \d/2 correct", printed)
+    page = out.read_text()
+    # 2 x (1 + 5) binding images, 2 x 3 VQA images, 2 x 4 comparison images
+    assert page.count('<img src="data:image/png;base64,') == 12 + 6 + 8
+    assert page.count("<tr class=") == 8
+
+
+def test_demo_refuses_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["demo", "--model", str(tmp_path / "missing")])

@@ -1,0 +1,457 @@
+"""
+Reproduces the Otter model the package ships, from nothing, with the project's own code, on a CPU:
+
+    otter train shapesworld --out runs/shapesworld
+
+1. `data/`: ShapesWorld (`otter.shapesworld`) written as the formats users train on: webdataset shards of
+   MMC4-style interleaved documents and LAION-style pairs, a MIMIC-IT instruction set, a text corpus, and the
+   held-out evaluation sets (`otter.eval.shapesworld`).
+2. `clip/`: a tiny open_clip CLIP trained contrastively on captioned images (open_clip's model and `ClipLoss`), then
+   converted with `otter convert open-clip` (`vision/`).
+3. `tokenizer/`, `lm/`: a byte-level BPE tokenizer trained with `tokenizers` on the text, and a tiny MPT pretrained
+   on the text corpus (scenes described in words, questions, answers, comparisons, nonce-word episodes).
+4. `pretrain/`: the perceiver and gated cross-attention trained on the web shards with both backbones frozen
+   (`otter train pretrain`).
+5. `finetune/`: instruction tuning of the whole model on the MIMIC-IT set (`otter train finetune --full`).
+6. `model/`: the result in fp16 safetensors (what the package ships as `otter.SHAPESWORLD_MODEL`).
+7. `eval_data/`, `eval/`: `otter eval` on held-out ShapesWorld sets (`results.md`).
+
+Each stage writes its folder and leaves `<stage>.done.json`; started again on the same folder, the run skips the
+finished stages, so an interrupted run continues. `timings.json` gives each stage's wall time.
+"""
+
+import base64
+import io
+import json
+import logging
+import math
+import random
+import shutil
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from otter.shapesworld import ShapesWorld, describe, nonce_words, render
+
+logger = logging.getLogger(__name__)
+
+CAPTION_INSTRUCTION = "Describe the image."
+BINDING_INSTRUCTION = "What is it called?"
+CLIP_NAME = "shapesworld-vit"
+
+
+@dataclass
+class Recipe:
+    """Every size, step count and learning rate of the reproduction; `scale` multiplies the step and data counts."""
+
+    seed: int = 0
+    scale: float = 1.0
+    # data
+    training_words: int = 2000
+    clip_images: int = 24_000
+    lm_documents: int = 12_000
+    web_samples: int = 12_000
+    web_shards: int = 4
+    instruction_examples: int = 16_000
+    eval_count: int = 200
+    # CLIP: ViT 4 x 128 on 64 px, patch 8
+    clip_steps: int = 400
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
+    # tokenizer and LM: MPT 4 x 192
+    vocab_size: int = 512
+    lm_width: int = 192
+    lm_layers: int = 4
+    lm_heads: int = 6
+    lm_steps: int = 600
+    lm_batch: int = 32
+    lm_sequence: int = 256
+    lm_lr: float = 2e-3
+    # Otter
+    cross_attn_every_n_layers: int = 1
+    pretrain_steps: int = 600
+    pretrain_batch: int = 16
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 1500
+    finetune_batch: int = 16
+    finetune_lr: float = 5e-4
+
+    def scaled(self, name: str) -> int:
+        """A step or sample count times `scale`, at least 1."""
+        return max(1, round(getattr(self, name) * self.scale))
+
+
+OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, perceiver_num_latents=16,
+                   perceiver_ff_mult=2, cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
+
+
+# -- text -------------------------------------------------------------------------------------------------------------
+def _turns(world: ShapesWorld, words: list[str]) -> list[dict]:
+    """One random episode of ShapesWorld turns: {"scenes", "instruction", "answer"} dicts, the query last."""
+    rng = world.rng
+    kind = rng.choices(("vqa", "caption", "comparison", "binding"), weights=(35, 10, 20, 35))[0]
+    if kind == "binding":
+        episode = world.binding_episode(shots=rng.randint(1, 8), words=words, ways=rng.choice((2, 2, 3)))
+        return [{"scenes": [turn["scene"]], "instruction": BINDING_INSTRUCTION, "answer": turn["answer"]}
+                for turn in [*episode["demos"], episode["query"]]]
+    count = 1 + (rng.randint(1, 4) if rng.random() < 0.5 else 0)
+    turns = []
+    for _ in range(count if kind != "caption" else 1 + (rng.random() < 0.3)):
+        if kind == "vqa":
+            record = world.vqa()
+            turns.append({"scenes": [record["scene"]], "instruction": record["question"], "answer": record["answer"]})
+        elif kind == "caption":
+            scene = world.caption()["scene"]
+            turns.append({"scenes": [scene], "instruction": CAPTION_INSTRUCTION, "answer": describe(scene) + "."})
+        else:
+            record = world.comparison()
+            turns.append({"scenes": list(record["scenes"]), "instruction": record["question"],
+                          "answer": record["answer"]})
+    return turns[:3] if kind == "comparison" else turns
+
+
+def text_document(turns: list[dict]) -> str:
+    """The episode in words only, each image replaced by its description: what the language model learns from."""
+    lines = []
+    for turn in turns:
+        scenes = " ".join(f"Scene: {describe(scene)}." for scene in turn["scenes"])
+        lines.append(f"{scenes} User: {turn['instruction']} GPT: {turn['answer']}")
+    return "\n".join(lines)
+
+
+# -- writers ----------------------------------------------------------------------------------------------------------
+def png_bytes(scene) -> bytes:
+    buffer = io.BytesIO()
+    render(scene).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_text_corpus(path: Path, recipe: Recipe, words: list[str]) -> None:
+    world = ShapesWorld(recipe.seed + 1)
+    documents = [text_document(_turns(world, words)) for _ in range(recipe.scaled("lm_documents"))]
+    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+
+
+def write_web_shards(folder: Path, recipe: Recipe, words: list[str]) -> list[str]:
+    """
+    Webdataset shards: LAION-style pairs (png + txt caption) and MMC4-style documents whose images each precede
+    their sentence (a caption, or "This is a <nonce word>." with words bound inside the document).
+    """
+    world, rng = ShapesWorld(recipe.seed + 2), random.Random(recipe.seed + 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = recipe.scaled("web_samples")
+    paths = [folder / f"shapesworld-{i:03d}.tar" for i in range(recipe.web_shards)]
+    shards = [tarfile.open(path, "w") for path in paths]
+    try:
+        for index in range(samples):
+            shard, key = shards[index % len(shards)], f"{index:08d}"
+            if rng.random() < 0.4:
+                scene = world.caption()["scene"]
+                members = {"png": png_bytes(scene), "txt": (describe(scene) + ".").encode()}
+            else:
+                if rng.random() < 0.5:
+                    scenes = [world.caption()["scene"] for _ in range(rng.randint(2, 5))]
+                    sentences = [describe(scene).capitalize() + "." for scene in scenes]
+                else:
+                    episode = world.binding_episode(shots=rng.randint(2, 5), words=words, ways=rng.choice((2, 3)))
+                    turns = [*episode["demos"], episode["query"]]
+                    scenes = [turn["scene"] for turn in turns]
+                    sentences = [f"This is a {turn['answer']}." for turn in turns]
+                document = {
+                    "text_list": sentences,
+                    "image_info": [{"image_base64": base64.b64encode(png_bytes(scene)).decode()} for scene in scenes],
+                    "similarity_matrix": [[float(i == j) for j in range(len(scenes))] for i in range(len(scenes))],
+                }
+                members = {"json": json.dumps(document).encode()}
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                shard.addfile(info, io.BytesIO(data))
+    finally:
+        for shard in shards:
+            shard.close()
+    return [str(path) for path in paths]
+
+
+def write_mimicit(folder: Path, recipe: Recipe, words: list[str], name: str = "shapesworld") -> Path:
+    """The instruction set in MIMIC-IT's layout: instructions, parquet images, and the in-context train config."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    world = ShapesWorld(recipe.seed + 3)
+    folder.mkdir(parents=True, exist_ok=True)
+    instructions, train_config, image_ids, images = {}, {}, [], []
+    for index in range(recipe.scaled("instruction_examples")):
+        turn_ids = []
+        for position, turn in enumerate(_turns(world, words)):
+            ids = []
+            for scene in turn["scenes"]:
+                ids.append(f"SW_IMG_{len(image_ids):07d}")
+                image_ids.append(ids[-1])
+                images.append(base64.b64encode(png_bytes(scene)).decode())
+            turn_ids.append(f"SW_INS_{index:06d}_{position}")
+            instructions[turn_ids[-1]] = {"instruction": turn["instruction"], "answer": turn["answer"],
+                                          "image_ids": ids, "rel_ins_ids": []}
+        train_config[turn_ids[-1]] = turn_ids[:-1]
+    meta = {"version": "1.0", "author": "otter.train.shapesworld", "seed": recipe.seed}
+    path = folder / f"{name}_instructions.json"
+    path.write_text(json.dumps({"meta": meta, "data": instructions}), encoding="utf-8")
+    (folder / f"{name}_train.json").write_text(json.dumps(train_config), encoding="utf-8")
+    pq.write_table(pa.table({"id": image_ids, "base64": images}), folder / f"{name}.parquet", row_group_size=128)
+    return path
+
+
+# -- CLIP -------------------------------------------------------------------------------------------------------------
+CLIP_CONFIG = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+
+
+def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
+    """A tiny open_clip CLIP trained with open_clip's contrastive loss; returns (model-config JSON, weights)."""
+    import numpy as np
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from otter.factory import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{CLIP_NAME}.json"
+    config_path.write_text(json.dumps(CLIP_CONFIG, indent=1))
+    world = ShapesWorld(recipe.seed + 4)
+    count = recipe.scaled("clip_images")
+    scenes = [world.caption()["scene"] for _ in range(count)]
+    pixels = torch.from_numpy(np.stack([np.asarray(render(scene)) for scene in scenes]))  # (N, 64, 64, 3) uint8
+    texts = open_clip.tokenize([describe(scene) + "." for scene in scenes], context_length=32)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+
+    torch.manual_seed(recipe.seed)
+    model = open_clip.model.CLIP(**CLIP_CONFIG)
+    loss_fn = ClipLoss()
+    steps = recipe.scaled("clip_steps")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.1)
+    scheduler = _warmup_cosine(optimizer, warmup=min(50, steps // 10), steps=steps)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for step in range(steps):
+        batch = torch.randint(count, (recipe.clip_batch,), generator=generator)
+        images = (pixels[batch].permute(0, 3, 1, 2).float() / 255 - mean) / std
+        image_features, text_features, logit_scale = model(images, texts[batch])
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("clip step %d/%d: loss %.4f", step + 1, steps, loss.item())
+    weights = folder / f"{CLIP_NAME}.pt"
+    torch.save(model.state_dict(), weights)
+    return config_path, weights
+
+
+def _warmup_cosine(optimizer, warmup: int, steps: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- tokenizer and language model -------------------------------------------------------------------------------------
+def train_tokenizer(folder: Path, corpus: Path, recipe: Recipe):
+    """
+    Byte-level BPE trained on the corpus without its nonce words, so that training and held-out nonce words are
+    split into pieces the same way (a word seen in training would otherwise become one token, a held-out one not).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = corpus.read_text(encoding="utf-8")
+    words = set(nonce_words(recipe.training_words, recipe.seed))
+    lines = [" ".join(word for word in line.split(" ") if word not in words) for line in text.splitlines()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(lines, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                                      eos_token="<|endoftext|>")
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+def train_language_model(folder: Path, corpus: Path, tokenizer, recipe: Recipe) -> None:
+    """A tiny MPT trained on the corpus, documents packed into sequences of `lm_sequence` tokens."""
+    from transformers import MptConfig, MptForCausalLM
+
+    documents = corpus.read_text(encoding="utf-8").split("\n\n")
+    ids = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids += encoded + [tokenizer.eos_token_id]
+    length = recipe.lm_sequence
+    data = torch.tensor(ids[: len(ids) // length * length]).view(-1, length)
+    logger.info("language model corpus: %d tokens, %d sequences of %d", len(ids), len(data), length)
+
+    torch.manual_seed(recipe.seed)
+    config = MptConfig(d_model=recipe.lm_width, n_heads=recipe.lm_heads, n_layers=recipe.lm_layers,
+                       expansion_ratio=4, max_seq_len=512, vocab_size=len(tokenizer), no_bias=True,
+                       use_cache=True, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = MptForCausalLM(config)
+    steps = recipe.scaled("lm_steps")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lm_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    scheduler = _warmup_cosine(optimizer, warmup=min(50, steps // 10), steps=steps)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for step in range(steps):
+        batch = data[torch.randint(len(data), (recipe.lm_batch,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("language model step %d/%d: loss %.4f", step + 1, steps, loss.item())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# -- the pipeline -----------------------------------------------------------------------------------------------------
+class Stages:
+    """
+    Runs the stages in order. A finished stage leaves `out/<name>.done.json` (its wall time) beside its folder and
+    is skipped when the run is started again; an interrupted one starts over.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.timings = out, {}
+
+    def run(self, name: str, work) -> Path:
+        folder, done = self.out / name, self.out / f"{name}.done.json"
+        if done.exists():
+            logger.info("stage %s: already done (%s)", name, done)
+            self.timings[name] = json.loads(done.read_text())["seconds"]
+            return folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        start = time.perf_counter()
+        logger.info("stage %s ...", name)
+        work(folder)
+        seconds = time.perf_counter() - start
+        done.write_text(json.dumps({"seconds": seconds}))
+        self.timings[name] = seconds
+        logger.info("stage %s: %.0f s", name, seconds)
+        return folder
+
+
+def reproduce(out, recipe: Recipe | None = None) -> Path:
+    """
+    Runs every stage into `out` (see the module's docstring); returns the final model folder, `out/model`, whose
+    held-out results are in `out/eval/results.md`. A rerun with another recipe than the folder's is refused.
+    """
+    from otter.conversion.open_clip import convert_open_clip
+    from otter.eval.shapesworld import write_eval_sets
+    from otter.factory import from_parts
+    from otter.train.data import WebDataOptions
+    from otter.train.trainer import TrainingConfig, train
+
+    recipe = recipe or Recipe()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = out / "recipe.json"
+    if recipe_file.exists() and json.loads(recipe_file.read_text()) != asdict(recipe):
+        raise ValueError(f"{out} holds a run of another recipe ({recipe_file}); give a new --out, or the same recipe "
+                         "to continue that run")
+    recipe_file.write_text(json.dumps(asdict(recipe), indent=1))
+    stages = Stages(out)
+    words = nonce_words(recipe.training_words, recipe.seed)
+
+    def data(folder):
+        folder.mkdir()
+        write_text_corpus(folder / "text.txt", recipe, words)
+        write_web_shards(folder / "web", recipe, words)
+        write_mimicit(folder / "instructions", recipe, words)
+
+    data_dir = stages.run("data", data)
+
+    def clip(folder):
+        config_path, weights = train_clip(folder / "open_clip", recipe)
+        convert_open_clip(str(config_path), str(weights), folder / "vision")
+
+    clip_dir = stages.run("clip", clip)
+
+    def language_model(folder):
+        folder.mkdir()
+        tokenizer = train_tokenizer(folder / "tokenizer", data_dir / "text.txt", recipe)
+        train_language_model(folder / "lm", data_dir / "text.txt", tokenizer, recipe)
+
+    lm_dir = stages.run("language_model", language_model)
+
+    def assemble(folder):
+        torch.manual_seed(recipe.seed)
+        model, processor = from_parts(clip_dir / "vision", lm_dir / "lm", lm_dir / "tokenizer",
+                                      recipe.cross_attn_every_n_layers, **OTTER_SIZES)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    initial = stages.run("assemble", assemble)
+    web = sorted(str(path) for path in (data_dir / "web").glob("*.tar"))
+    pretrained = stages.run("pretrain", lambda folder: train(TrainingConfig(
+        model=str(initial), data=web, out=str(folder), objective="pretraining",
+        max_steps=recipe.scaled("pretrain_steps"), batch_size=recipe.pretrain_batch, lr=recipe.pretrain_lr,
+        warmup_steps=50, seed=recipe.seed, num_workers=1, save_every=10**9, precision="fp32",
+        web=WebDataOptions(min_image_bytes=0, single_image_keep_prob=1.0, shuffle_buffer=500),
+    )))
+    instructions = str(data_dir / "instructions" / "shapesworld_instructions.json")
+    finetuned = stages.run("finetune", lambda folder: train(TrainingConfig(
+        model=str(pretrained), data=[instructions], out=str(folder), objective="instruction",
+        max_steps=recipe.scaled("finetune_steps"), batch_size=recipe.finetune_batch, lr=recipe.finetune_lr,
+        warmup_steps=50, full=True, seed=recipe.seed, num_workers=1, save_every=10**9, precision="fp32",
+    )))
+    model_dir = stages.run("model", lambda folder: export_fp16(finetuned, folder))
+    eval_data = stages.run("eval_data", lambda folder: write_eval_sets(
+        folder, seed=EVAL_SEED, count=recipe.scaled("eval_count"), shots=max(max(s) for s in EVAL_SHOTS.values())))
+    stages.run("eval", lambda folder: evaluate_model(model_dir, eval_data, folder))
+    (out / "timings.json").write_text(json.dumps(stages.timings, indent=1))
+    logger.info("done in %.1f min: %s; results in %s", sum(stages.timings.values()) / 60, model_dir,
+                out / "eval" / "results.md")
+    return model_dir
+
+
+# -- export and evaluation --------------------------------------------------------------------------------------------
+EVAL_SEED = 1234  # the held-out sets' seed: no training stage draws from it
+EVAL_SHOTS = {"shapesworld_vqa": [0, 4], "shapesworld_binding": [0, 4, 8], "shapesworld_comparison": [0, 2]}
+
+
+def export_fp16(source: Path, folder: Path) -> None:
+    """The trained model in fp16 safetensors (what the package ships) with its processor."""
+    from otter import OtterForConditionalGeneration, OtterProcessor
+
+    model = OtterForConditionalGeneration.from_pretrained(source, dtype=torch.float16)
+    model.save_pretrained(folder)
+    OtterProcessor.from_pretrained(source).save_pretrained(folder)
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, folder: Path) -> None:
+    """`otter eval` of the fp16 model, loaded in fp32 as on a CPU, on every ShapesWorld task; `results.md` sums up."""
+    from otter import OtterForConditionalGeneration, OtterProcessor
+    from otter.eval.evaluator import evaluate
+
+    model = OtterForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = OtterProcessor.from_pretrained(model_dir)
+    rows = ["| task | shots | metric | score |", "|---|---:|---|---:|"]
+    for task, shots in EVAL_SHOTS.items():
+        report = evaluate(model, processor, task, data_dir, folder / f"{task}.json", shots=shots, batch_size=16)
+        rows += [f"| {task} | {result['shots']} | {report['metric']} | {result['mean']:.1f} |"
+                 for result in report["results"]]
+    (folder / "results.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
