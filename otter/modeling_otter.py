@@ -325,15 +325,17 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         use_cache: bool | None = None,
         media_key_values: torch.Tensor | None = None,
         media_index: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> OtterCausalLMOutputWithPast:
         r"""
         As `OtterModel.forward`, plus `labels` `(batch, text_len)`: the loss is the language model's shifted
-        cross-entropy, ignoring -100.
+        cross-entropy, ignoring -100; and `logits_to_keep`: the logits of the last `logits_to_keep` positions only
+        (0: all), as in transformers' causal LMs (`generate()` asks for the last one).
         """
         image_features, outputs = self._run(
             self.language_model, input_ids, pixel_values, media_key_values, media_index, cache,
-            attention_mask=attention_mask, labels=labels, use_cache=use_cache, **kwargs,
+            attention_mask=attention_mask, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
         return OtterCausalLMOutputWithPast(
             loss=outputs.loss,
@@ -350,6 +352,8 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         `generate()` on interleaved images and text. The images are encoded once, and each cross-attention block's
         media keys/values computed once, before decoding starts; decoding stops at `<|endofchunk|>` by default.
         A generated `<image>` token has no image behind it: the tokens after it keep reading the prompt's last image.
+        With several beams (or returned sequences) per prompt and the KV cache on, the prompt runs once per sample,
+        not once per beam: its cache is then repeated for the beams.
         """
         if pixel_values is not None:
             _, kwargs["media_key_values"] = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"))
@@ -359,7 +363,46 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
             prompt_media = self.media_index(input_ids)[:, -1]
             self._check_media_count(prompt_media, self._num_media(kwargs["media_key_values"]))
             kwargs["prompt_media"] = prompt_media
+        copies = self._prompt_copies(input_ids, attention_mask, kwargs)
+        if copies > 1:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            kwargs["cache"] = self._shared_prompt_cache(input_ids, attention_mask, kwargs.get("media_key_values"), copies)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    _OUTPUTS_OF_EVERY_PROMPT_POSITION = ("output_attentions", "output_hidden_states")
+
+    def _prompt_copies(self, input_ids, attention_mask, kwargs) -> int:
+        """
+        How many rows `generate()` will make of each prompt (beams, returned sequences) when their prompt can run once
+        and its cache be shared: cached decoding, no cache or embeddings given, no outputs asked of every prompt
+        position, and a mask given or no padding to infer one from. 1 when the prompt should run as usual.
+        """
+        config = kwargs.get("generation_config") or self.generation_config
+        setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
+        copies = max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
+        pad = setting("pad_token_id")
+        if (copies == 1 or not setting("use_cache") or input_ids is None or input_ids.shape[1] < 2
+                or any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "inputs_embeds",
+                                                                 "assistant_model", "prefill_chunk_size"))
+                or getattr(config, "cache_implementation", None) is not None
+                or getattr(config, "prefill_chunk_size", None) is not None
+                or any(setting(name) for name in self._OUTPUTS_OF_EVERY_PROMPT_POSITION)
+                or (attention_mask is None and pad is not None and bool((input_ids == pad).any()))):
+            return 1
+        return copies
+
+    def _shared_prompt_cache(self, input_ids, attention_mask, media_key_values, copies: int) -> Cache:
+        """
+        The KV cache of every prompt token but the last, computed once per sample and repeated `copies` times
+        (row b * copies + j: copy j of sample b, as `generate()` expands its inputs); `generate()` then runs only the
+        last prompt token, on every row, and goes on decoding.
+        """
+        prefix = OtterModel.forward(self, input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                                    media_key_values=media_key_values, use_cache=True)
+        cache = prefix.cache
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     def prepare_inputs_for_generation(self, input_ids, media_key_values=None, prompt_media=None, media_index=None,
                                       **kwargs):

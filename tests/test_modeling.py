@@ -171,7 +171,30 @@ def test_generate_encodes_images_once(tiny, images, settings):
                        batch["input_ids"].repeat_interleave(rows // 2, dim=0))
     assert (vision.calls, perceiver.calls) == (1, 1)
     assert all(counter.calls == 1 for counter in media_kv)
-    assert all(counter.calls == 5 for counter in queries)  # the text side does run every step
+    # the text side does run every step; with beams the prompt (but its last token) runs once per sample first
+    assert all(counter.calls == (6 if "num_beams" in settings else 5) for counter in queries)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=3, length_penalty=0.0), dict(num_beams=2, num_return_sequences=2)])
+def test_beams_share_one_run_of_the_prompt(tiny, images, settings, monkeypatch):
+    """The prompt runs once per sample, not per beam; beams, returned sequences and scores are those of a run per beam."""
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    rows_per_call = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: rows_per_call.append(args[0].shape))
+    settings = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, **settings)
+    shared = model.generate(**batch, **settings)
+    hook.remove()
+    batch_size, length = batch["input_ids"].shape
+    copies = max(settings["num_beams"], settings.get("num_return_sequences", 1))
+    assert rows_per_call[:2] == [(batch_size, length - 1), (batch_size * copies, 1)]
+    monkeypatch.setattr(type(model), "_prompt_copies", lambda *args: 1)  # the prompt once per beam
+    per_beam = model.generate(**batch, **settings)
+    assert torch.equal(shared.sequences, per_beam.sequences)
+    for ours, theirs in zip(shared.scores, per_beam.scores, strict=True):
+        finite = ours.isfinite()
+        assert torch.equal(finite, theirs.isfinite())
+        assert (ours[finite] - theirs[finite]).abs().max() <= 1e-5
 
 
 def test_cached_uncached_and_manual_greedy_decoding_agree(tiny, images):

@@ -45,3 +45,18 @@ def test_greedy_generation_matches_reference(family, images):
     model, processor, reference = build_pair(family, 2)
     batch = processor(text=TEXTS[:2], images=[images[:2], images[2:3]])
     assert_greedy_generation_matches(model, reference, batch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_matches_reference(family, images):
+    """OpenFlamingo's evaluation decoding (3 beams, length penalty 0), on a left-padded batch."""
+    model, processor, reference = build_pair(family, 2)
+    batch = processor(text=TEXTS, images=[images[:2], images[2:3], images[1:4]])
+    special = [model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id]
+    settings = dict(max_new_tokens=5, num_beams=3, length_penalty=0.0, do_sample=False, suppress_tokens=special,
+                    pad_token_id=model.config.pad_token_id)
+    ours = model.generate(**batch, **settings)
+    with torch.no_grad():
+        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=True, **settings)
+    assert torch.equal(ours, theirs)
