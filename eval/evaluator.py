@@ -10,7 +10,8 @@ import logging
 import os
 import random
 import statistics
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,13 +28,47 @@ logger = logging.getLogger(__name__)
 
 
 # -- model calls -----------------------------------------------------------------------------------------------------
+def _image_key(image):
+    """An image file by its path (a str and a Path of one file are one image), a PIL image by its identity."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
+
+
+class ImageFeatureCache:
+    """
+    The perceiver latents of image files that later batches of an evaluation pass show again, each kept until its
+    last use: a demonstration drawn for many samples runs through the vision tower and perceiver once per pass, not
+    once per batch. `uses` are the images the pass will show (paths, one entry per showing); at most `max_images` are
+    held at a time (a further image is encoded again when shown again).
+    """
+
+    def __init__(self, uses: Iterable, max_images: int = 2048):
+        self.remaining = Counter(_image_key(image) for image in uses if isinstance(image, (str, os.PathLike)))
+        self.max_images = max_images
+        self.features = {}
+
+    def get(self, key):
+        return self.features.get(key)
+
+    def shown(self, key, features: torch.Tensor, times: int) -> None:
+        """`key` (whose latents are `features`) was shown `times` times by a batch: keep it while it has uses left."""
+        if key not in self.remaining:
+            return
+        self.remaining[key] -= times
+        if self.remaining[key] <= 0:
+            del self.remaining[key]
+            self.features.pop(key, None)
+        elif key not in self.features and len(self.features) < self.max_images:
+            self.features[key] = features.clone()  # not a view that would keep its whole batch alive
+
+
 @torch.no_grad()
-def encode_batch(model, processor, texts: list[str], images: list[list]) -> dict:
+def encode_batch(model, processor, texts: list[str], images: list[list], cache: ImageFeatureCache | None = None) -> dict:
     """
     Left-padded `input_ids`, `attention_mask` `(B, T)` and the cross-attention `media_key_values`
     `(B, blocks, media * latents, 2 * heads * dim_head)` of a batch. `images[b]` are the images (paths or PIL images)
     of sample b in `<image>` order, with the same count for every sample. Each distinct image of the batch (by path,
-    or by object for PIL images) runs through the vision tower and perceiver once, however many samples show it.
+    or by object for PIL images) runs through the vision tower and perceiver once, however many samples show it, and
+    not at all when `cache` holds its latents from an earlier batch.
     """
     counts = {len(sample) for sample in images}
     if len(counts) != 1:
@@ -41,14 +76,24 @@ def encode_batch(model, processor, texts: list[str], images: list[list]) -> dict
     tokenizer = processor.tokenizer
     token_ids = tokenizer(texts)["input_ids"]
     batch = tokenizer.pad({"input_ids": token_ids}, padding="longest", padding_side="left", return_tensors="pt")
-    keys = [[str(image) if isinstance(image, (str, os.PathLike)) else id(image) for image in sample] for sample in images]
+    keys = [[_image_key(image) for image in sample] for sample in images]
     unique = {}
     for sample, sample_keys in zip(images, keys):
         for image, key in zip(sample, sample_keys):
             unique.setdefault(key, image)
-    pixel_values = processor.image_processor([load_image(image) for image in unique.values()],
-                                             return_tensors="pt")["pixel_values"]  # (U, C, H, W)
-    features = model.get_image_features(pixel_values[:, None, None].to(model.device))[:, 0]  # (U, latents, dim)
+    known = {key: cache.get(key) for key in unique} if cache is not None else {}
+    known = {key: features for key, features in known.items() if features is not None}
+    new = [key for key in unique if key not in known]
+    if new:
+        pixel_values = processor.image_processor([load_image(unique[key]) for key in new],
+                                                 return_tensors="pt")["pixel_values"]  # (N, C, H, W)
+        encoded = model.get_image_features(pixel_values[:, None, None].to(model.device))[:, 0]  # (N, latents, dim)
+        known.update(zip(new, encoded))
+    features = torch.stack([known[key] for key in unique])  # (U, latents, dim)
+    if cache is not None:
+        times = Counter(key for sample_keys in keys for key in sample_keys)
+        for key in unique:
+            cache.shown(key, known[key], times[key])
     position = {key: index for index, key in enumerate(unique)}
     index = torch.tensor([[position[key] for key in sample_keys] for sample_keys in keys], device=features.device)
     return {
@@ -275,12 +320,15 @@ def evaluate(
                 demos = [list(example.demos[:demos_per_sample]) if example.demos is not None
                          else [benchmark.pool[j] for j in plan[i]] for i, example in enumerate(test)]
                 todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
+                prompts = {i: build_prompt(task, test[i], demos[i], num_shots) for i in todo}
+                cache = ImageFeatureCache(image for _, images in prompts.values() for image in images)
                 progress = tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
                                 desc=f"{task.name} {num_shots}-shot trial {trial}")
                 for start in range(0, len(todo), batch_size):
                     indices = todo[start:start + batch_size]
                     records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
-                                         [demos[i] for i in indices], num_shots, class_token_ids, classes_per_forward)
+                                         [demos[i] for i in indices], [prompts[i] for i in indices], cache,
+                                         class_token_ids, classes_per_forward)
                     for record in records:
                         record.update(shots=num_shots, trial=trial)
                         log.write(json.dumps(record) + "\n")
@@ -342,10 +390,10 @@ def _rank_candidates(model, processor, inputs: dict, examples: list[Example], cl
 
 
 def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: list[Example], demos: list[list[Example]],
-               num_shots: int, class_token_ids, classes_per_forward: int) -> list[dict]:
-    """Per-sample records of one batch: id, demonstration ids, the model's output and the prediction."""
-    prompts = [build_prompt(task, example, sample_demos, num_shots) for example, sample_demos in zip(examples, demos)]
-    inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts])
+               prompts: list[tuple[str, list]], cache: ImageFeatureCache, class_token_ids,
+               classes_per_forward: int) -> list[dict]:
+    """Per-sample records of one batch (prompts from `build_prompt`): id, demonstration ids, the output, the prediction."""
+    inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts], cache)
     records = [{"id": example.id, "demos": [demo.id for demo in sample_demos]}
                for example, sample_demos in zip(examples, demos)]
     if task.ranks_classes and any(example.candidates is not None for example in examples):

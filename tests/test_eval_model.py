@@ -1,5 +1,5 @@
 """The evaluator's model calls: class ranking on a reused KV cache equals scoring each class from scratch; demo images
-shared by a batch are encoded once; batched generation equals the processor's path."""
+shared by a batch, or shown again by later batches, are encoded once; batched generation equals the processor's path."""
 
 import pytest
 import torch
@@ -110,3 +110,34 @@ def test_a_batch_needs_the_same_image_count_per_sample(colour_images):
     model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
     with pytest.raises(ValueError, match="same number of images"):
         encode_batch(model, processor, ["<image>a", "<image><image>b"], [colour_images[:1], colour_images[:2]])
+
+
+def test_images_shown_again_by_later_batches_are_encoded_once_per_pass(tmp_path, monkeypatch):
+    """A demonstration drawn for several batches runs through the vision tower once; the outputs do not change."""
+    from otter.eval import evaluate, get_task
+    from otter.eval.evaluator import ImageFeatureCache
+    from otter.tiny import build_tiny_otter
+
+    from .eval_fixtures import make_vqa
+
+    model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
+    set_gates(model)
+    model.eval()
+    data_dir = make_vqa(tmp_path / "data", "vqav2", num_pool=3, num_test=6)  # 2 of 3 pool examples per sample
+
+    def outputs_and_images(out):
+        counter, handle = count_vision_images(model)
+        report = evaluate(model, processor, "vqav2", data_dir, out, shots=[2], batch_size=2)
+        handle.remove()
+        predictions = report["results"][0]["trials"][0]["predictions"]
+        return [(r["id"], r["demos"], r["output"]) for r in predictions], counter["images"]
+
+    cached, cached_images = outputs_and_images(tmp_path / "cached.json")
+    monkeypatch.setattr(ImageFeatureCache, "get", lambda self, key: None)  # every batch encodes its images
+    uncached, uncached_images = outputs_and_images(tmp_path / "uncached.json")
+    benchmark = get_task("vqav2").load(data_dir)
+    pool_images = {example.id: str(example.image) for example in benchmark.pool}
+    shown = {str(example.image) for example in benchmark.test} | {pool_images[demo] for _, demos, _ in cached
+                                                                   for demo in demos}
+    assert cached == uncached
+    assert cached_images == len(shown) < uncached_images
