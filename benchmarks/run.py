@@ -1,13 +1,14 @@
 """
 Otter against the reference implementation (open-flamingo 2.0.1), side by side in one run, on identical weights.
 
-    python benchmarks/run.py [--device cpu|cuda] [--parts generation training conversion] [--out FILE]
+    python benchmarks/run.py [--device cpu|cuda] [--parts generation evaluation training conversion] [--out FILE]
 
 CPU mode builds a model big enough that compute dominates overhead (ViT-B/32's tower: 12 layers of width 768; MPT 8
 layers of width 512; OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the OpenFlamingo-9B
 architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed does not depend on
 them. The reference is built around deep copies of Otter's own parts (tests/reference.py), so both compute the same
-function. Writes a Markdown table (stdout, and --out).
+function. Writes a Markdown table (stdout, and --out). `--tiny` runs every part on a tiny model, to check the script
+(its figures measure overhead, not the implementations).
 """
 
 import argparse
@@ -21,15 +22,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from otter.configuration_otter import OtterConfig  # noqa: E402
+from otter.eval.demos import random_demos  # noqa: E402
+from otter.eval.evaluator import evaluate  # noqa: E402
+from otter.factory import clip_image_processor  # noqa: E402
 from otter.modeling_otter import OtterForConditionalGeneration  # noqa: E402
+from otter.processing_otter import OtterProcessor  # noqa: E402
+from otter.prompts import END_OF_CHUNK, IMAGE_TOKEN  # noqa: E402
 from tests.reference import reference_twin  # noqa: E402
 
 VOCAB = 32000
@@ -47,6 +57,13 @@ GPU_MODEL = dict(  # OpenFlamingo-9B: ViT-L/14 (openai), MPT-7B, cross-attention
     text=dict(model_type="mpt", d_model=4096, n_heads=32, n_layers=32, expansion_ratio=4, max_seq_len=2048,
               vocab_size=50280),
     cross_attn_every_n_layers=4,
+)
+TINY_MODEL = dict(  # checks that the script runs; its figures are overhead
+    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                patch_size=16, hidden_act="quick_gelu"),
+    text=dict(model_type="mpt", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=2048,
+              vocab_size=VOCAB + 3),
+    cross_attn_every_n_layers=1,
 )
 
 
@@ -127,6 +144,212 @@ def bench_generation(model, reference, spec, device, dtype, repeats, new_tokens=
     return rows
 
 
+# -- few-shot evaluation ---------------------------------------------------------------------------------------------
+EVAL_WORDS = ["<|endoftext|>", "Question", "Short", "answer", ":", "?"]
+
+
+def eval_tokenizer(vocab_size=VOCAB):
+    """
+    A word-level tokenizer of `vocab_size` entries (the prompt's fixed words, then `w<id>` fillers), so that the
+    evaluation runs on the same vocabulary and LM head as the other parts; `<image>`, `<|endofchunk|>` and `<PAD>` are
+    MEDIA, EOC and PAD.
+    """
+    vocab = {word: index for index, word in enumerate(EVAL_WORDS)}
+    vocab.update({f"w{index}": index for index in range(len(EVAL_WORDS), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, END_OF_CHUNK]})
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, END_OF_CHUNK, "<PAD>"])
+    if ids != [MEDIA, EOC, PAD]:
+        raise RuntimeError(f"special token ids {ids}, expected {[MEDIA, EOC, PAD]}")
+    return tokenizer
+
+
+def write_vqa(root: Path, pool_size, test_size, shots, seed, query_set_size, image_size, question_words=6):
+    """
+    A synthetic VQAv2 in eval/README.md's layout: `pool_size` training questions and `test_size` val questions, each on
+    an image of its own (`image_size` (width, height), smooth random colours, JPEG), questions of `question_words`
+    random words, one-word answers. Only the images that the run reads are written: the test images and the
+    demonstrations `random_demos` picks (as `evaluate` will, with `seed` and `query_set_size`). Returns that plan.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    plan = random_demos(pool_size, test_size, shots, seed, query_set_size)
+    used = {"train2014": sorted({index for row in plan for index in row}), "val2014": range(test_size)}
+    for split, count, first_id in (("train2014", pool_size, 1), ("val2014", test_size, 1_000_000)):
+        questions, annotations = [], []
+        for n in range(count):
+            words = torch.randint(len(EVAL_WORDS), VOCAB, (question_words + 1,), generator=generator).tolist()
+            questions.append({"image_id": first_id + n, "question": " ".join(f"w{w}" for w in words[:-1]) + "?",
+                              "question_id": first_id + n})
+            answers = [{"answer": f"w{words[-1]}", "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]
+            annotations.append({"question_id": first_id + n, "image_id": first_id + n, "answer_type": "other",
+                                "question_type": "what", "multiple_choice_answer": f"w{words[-1]}", "answers": answers})
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in used[split]:
+            colours = torch.randint(0, 256, (6, 8, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(colours).resize(image_size, Image.Resampling.BILINEAR).save(
+                folder / f"COCO_{split}_{first_id + n:012d}.jpg", quality=90)
+        header = {"info": {}, "license": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split}
+        (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({**header, "questions": questions}))
+        (root / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({**header, "annotations": annotations}))
+    return plan
+
+
+class ReferenceEvalModel:
+    """
+    OpenFlamingo 2.0.1's `open_flamingo/eval/models/open_flamingo.py` `EvalModel` (which the PyPI wheel does not ship),
+    its generation path: per-image preprocessing into a zero-padded `(B, T_img, 1, C, H, W)` tensor,
+    left-padded tokenization truncated at 2000 tokens, `Flamingo.generate` under inference mode, the new tokens
+    decoded with special tokens skipped. One change: `use_cache=True`. The EvalModel leaves caching to the language
+    model's config, and MPT configs say False, which would recompute the whole prompt for every new token.
+    """
+
+    def __init__(self, model, tokenizer, image_processor, device, dtype):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.device, self.cast_dtype = device, dtype
+        self.tokenizer.padding_side = "left"
+
+    def _prepare_images(self, batch):
+        images_per_example = max(len(x) for x in batch)
+        batch_images = None
+        for iexample, example in enumerate(batch):
+            for iimage, image in enumerate(example):
+                preprocessed = self.image_processor(image)
+                if batch_images is None:
+                    batch_images = torch.zeros((len(batch), images_per_example, 1) + preprocessed.shape,
+                                               dtype=preprocessed.dtype)
+                batch_images[iexample, iimage, 0] = preprocessed
+        return batch_images.to(self.device, dtype=self.cast_dtype, non_blocking=True)
+
+    def _prepare_text(self, batch, padding="longest", truncation=True, max_length=2000):
+        encodings = self.tokenizer(batch, padding=padding, truncation=truncation, return_tensors="pt",
+                                   max_length=max_length)
+        input_ids, attention_mask = encodings["input_ids"], encodings["attention_mask"]
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        attention_mask = attention_mask.to(self.device, non_blocking=True)
+        return input_ids, attention_mask.bool()
+
+    def get_outputs(self, batch_text, batch_images, min_generation_length, max_generation_length, num_beams,
+                    length_penalty):
+        batch_images = self._prepare_images(batch_images)
+        input_ids, attention_mask = self._prepare_text(batch_text)
+        with torch.inference_mode():
+            outputs = self.model.generate(batch_images, input_ids, attention_mask,
+                                          min_new_tokens=min_generation_length, max_new_tokens=max_generation_length,
+                                          num_beams=num_beams, length_penalty=length_penalty, use_cache=True)
+        outputs = outputs[:, len(input_ids[0]):]
+        return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
+
+    def get_vqa_prompt(self, question, answer=None):
+        return (f"<image>Question:{question} Short answer:{answer if answer is not None else ''}"
+                f"{'<|endofchunk|>' if answer is not None else ''}")
+
+
+def reference_evaluate_vqa(eval_model, data_dir: Path, plan, demos, batch_size, shots, workdir: Path):
+    """
+    OpenFlamingo 2.0.1's `evaluate_vqa` loop (open_flamingo/eval/evaluate.py) on its own dataset class, prompts,
+    post-processing and VQA accuracy, with the demonstrations of `plan` (`demos`: the pool examples, loaded up
+    front as its `get_query_set` does) instead of its random draw, so that both sides see the same prompts. Its
+    distributed gather is left out (one process). Returns {question_id: prediction} and the accuracy.
+    """
+    from open_flamingo.eval.eval_datasets import VQADataset
+    from open_flamingo.eval.utils import custom_collate_fn
+    from open_flamingo.eval.vqa_metric import compute_vqa_accuracy, postprocess_vqa_generation
+
+    questions = data_dir / "v2_OpenEnded_mscoco_val2014_questions.json"
+    annotations = data_dir / "v2_mscoco_val2014_annotations.json"
+    test_dataset = VQADataset(image_dir_path=str(data_dir / "val2014"), question_path=str(questions),
+                              annotations_path=str(annotations), is_train=False, dataset_name="vqav2")
+    predictions = []
+    for start in range(0, len(test_dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(test_dataset)))
+        batch = custom_collate_fn([test_dataset[i] for i in indices])  # what its DataLoader does
+        batch_demo_samples = [[demos[j] for j in plan[i]] for i in indices]
+        batch_images, batch_text = [], []
+        for i in range(len(batch["image"])):
+            context_images = [x["image"] for x in batch_demo_samples[i]] if shots > 0 else []
+            batch_images.append(context_images + [batch["image"][i]])
+            context_text = "".join([eval_model.get_vqa_prompt(question=x["question"], answer=x["answers"][0]) + "\n"
+                                    for x in batch_demo_samples[i]])
+            if shots == 0:
+                context_text = context_text.replace("<image>", "")
+            batch_text.append(context_text + eval_model.get_vqa_prompt(question=batch["question"][i]))
+        outputs = eval_model.get_outputs(batch_images=batch_images, batch_text=batch_text, min_generation_length=0,
+                                         max_generation_length=5, num_beams=3, length_penalty=0.0)
+        for prediction, sample_id in zip(map(postprocess_vqa_generation, outputs), batch["question_id"]):
+            predictions.append({"answer": prediction, "question_id": sample_id})
+    results = workdir / "reference_vqa_results.json"
+    results.write_text(json.dumps(predictions, indent=4))
+    with redirect_stdout(open(os.devnull, "w")):  # the VQA API prints its progress
+        accuracy = compute_vqa_accuracy(str(results), str(questions), str(annotations))
+    results.unlink()
+    return {p["question_id"]: p["answer"] for p in predictions}, accuracy
+
+
+EVAL_QUERY_SETS = (2048, 8)
+
+
+def bench_evaluation(model, reference, spec, device, dtype, repeats, batch_size=8, shots=8, batches=2, seed=42):
+    """
+    Examples/s of an 8-shot VQAv2 run (OpenFlamingo's protocol: 3 beams, 5 new tokens, length penalty 0) on a
+    synthetic data set, `batches` batches of `batch_size`: Otter's `otter.eval.evaluate` against OpenFlamingo 2.0.1's
+    evaluation loop, with the same prompts, images and batches, timed from the data on disk to the score (median of
+    `repeats` runs). Twice: with demonstrations drawn from OpenFlamingo's 2048-example query set, where a short run
+    shows no demonstration image twice; and from an 8-example query set, where each demonstration image is shown about
+    as often as in a full run (5000 samples x 8 demonstrations over 2048: ~20 times).
+    """
+    from open_clip import image_transform
+    from open_flamingo.eval.eval_datasets import VQADataset
+
+    size = spec["vision"]["image_size"]
+    tokenizer = eval_tokenizer()
+    processor = OtterProcessor(image_processor=clip_image_processor(size), tokenizer=tokenizer)
+    eval_model = ReferenceEvalModel(reference, tokenizer, image_transform(size, is_train=False), device, dtype)
+    test_size = batch_size * batches
+    image_size = (640, 480) if size >= 224 else (160, 120)  # COCO-sized photos for the real models
+    rows = []
+    for query_set_size in EVAL_QUERY_SETS:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir, out_dir = Path(tmp) / "vqav2", Path(tmp) / "out"
+            plan = write_vqa(data_dir, 2048, test_size, shots, seed, query_set_size, image_size)
+            runs = iter(range(1_000_000))
+
+            def run_otter():
+                report = evaluate(model, processor, "vqav2", data_dir, out_dir / f"run{next(runs)}.json", shots=[shots],
+                                  seed=seed, batch_size=batch_size, query_set_size=query_set_size)
+                trial = report["results"][0]["trials"][0]
+                return {p["id"]: p["prediction"] for p in trial["predictions"]}, trial["score"]
+
+            pool = VQADataset(image_dir_path=str(data_dir / "train2014"),
+                              question_path=str(data_dir / "v2_OpenEnded_mscoco_train2014_questions.json"),
+                              annotations_path=str(data_dir / "v2_mscoco_train2014_annotations.json"), is_train=True,
+                              dataset_name="vqav2")
+            demos = {j: pool[j] for j in sorted({j for sample_demos in plan for j in sample_demos})}  # loaded up front
+
+            def run_reference():
+                return reference_evaluate_vqa(eval_model, data_dir, plan, demos, batch_size, shots, Path(tmp))
+
+            row = {"examples": test_size, "batch": batch_size, "shots": shots, "query_set": query_set_size,
+                   "demo_images": len({j for sample_demos in plan for j in sample_demos})}
+            predictions = {}
+            for which, run in (("otter", run_otter), ("reference", run_reference)):
+                times = []
+                for _ in range(repeats):  # each run is long: no separate warm-up, the median drops the first
+                    sync(device)
+                    start = time.perf_counter()
+                    predictions[which], score = run()
+                    sync(device)
+                    times.append(time.perf_counter() - start)
+                row[which] = {"examples_s": test_size / statistics.median(times), "score": score}
+            row["same_predictions"] = sum(answer == predictions["reference"].get(key)
+                                          for key, answer in predictions["otter"].items())
+            rows.append(row)
+    return rows
+
+
 def _peak_rss_reset():
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM (the peak resident set) to the current RSS
@@ -178,13 +401,14 @@ def train_step(which, model, reference, spec, device, dtype, repeats, batch=8, i
     return {"samples_s": batch / seconds, "peak_extra_bytes": peak}
 
 
-def bench_training(device, repeats):
+def bench_training(device, repeats, tiny=False):
     """Each implementation in a fresh process: memory an earlier run freed (and the allocator kept) would otherwise
     make whichever runs second look smaller."""
     result = {}
     for which in ("otter", "reference"):
         finished = subprocess.run([sys.executable, __file__, "--training-worker", which, "--device", device,
-                                   "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+                                   "--repeats", str(repeats)] + (["--tiny"] if tiny else []),
+                                  capture_output=True, text=True, check=True)
         result[which] = json.loads(finished.stdout.strip().splitlines()[-1])
     return result
 
@@ -238,6 +462,22 @@ def report(results, device, spec):
                          f"{theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x | "
                          f"{ours['ttft_s'] * 1000:.0f} ms | {theirs['ttft_s'] * 1000:.0f} ms |")
         lines.append("")
+    if "evaluation" in results:
+        first = results["evaluation"][0]
+        lines += [f"### Few-shot evaluation ({first['shots']}-shot VQAv2, OpenFlamingo's protocol: 3 beams, 5 new tokens, "
+                  f"length penalty 0; {first['examples']} synthetic examples in batches of {first['batch']})", "",
+                  "| demonstrations drawn from | distinct demo images | examples/s Otter | reference | ratio | "
+                  "same predictions |", "|---|---|---|---|---|---|"]
+        for row in results["evaluation"]:
+            ours, theirs = row["otter"], row["reference"]
+            lines.append(f"| {row['query_set']} examples | {row['demo_images']} of {row['examples'] * row['shots']} | "
+                         f"{ours['examples_s']:.2f} | {theirs['examples_s']:.2f} | "
+                         f"{ours['examples_s'] / theirs['examples_s']:.2f}x | {row['same_predictions']} of "
+                         f"{row['examples']} |")
+        lines += ["", "Otter runs `otter.eval.evaluate`; the reference runs OpenFlamingo 2.0.1's `evaluate_vqa` loop "
+                  "and `EvalModel.get_outputs` (benchmarks/run.py), with the KV cache on. From a 2048-example query "
+                  "set (OpenFlamingo's default) a short run shows each demonstration image once; from 8 examples, each "
+                  "is shown about as often as in a full 5000-sample run over 2048.", ""]
     if "training" in results:
         ours, theirs = results["training"]["otter"], results["training"]["reference"]
         lines += ["### Training step (perceiver + cross-attention, AdamW, batch 8, 4 images per sample)", "",
@@ -258,15 +498,16 @@ def report(results, device, spec):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--parts", nargs="+", default=["generation", "training", "conversion"],
-                        choices=["generation", "training", "conversion"])
+    parser.add_argument("--parts", nargs="+", default=["generation", "evaluation", "training", "conversion"],
+                        choices=["generation", "evaluation", "training", "conversion"])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, to check that the script runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "otter-benchmarks")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--training-worker", choices=["otter", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    spec = GPU_MODEL if args.device == "cuda" else CPU_MODEL
+    spec = TINY_MODEL if args.tiny else GPU_MODEL if args.device == "cuda" else CPU_MODEL
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.training_worker:
         model, reference = build(spec, args.device, dtype)
@@ -277,8 +518,12 @@ def main():
         model, reference = build(spec, args.device, dtype)
         results["generation"] = bench_generation(model, reference, spec, args.device, dtype, args.repeats)
         del model, reference
+    if "evaluation" in args.parts:
+        model, reference = build(spec, args.device, dtype)
+        results["evaluation"] = bench_evaluation(model, reference, spec, args.device, dtype, args.repeats)
+        del model, reference
     if "training" in args.parts:
-        results["training"] = bench_training(args.device, args.repeats)
+        results["training"] = bench_training(args.device, args.repeats, args.tiny)
     if "conversion" in args.parts:
         args.workdir.mkdir(parents=True, exist_ok=True)
         results["conversion"] = bench_conversion(args.workdir)
