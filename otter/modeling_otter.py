@@ -203,14 +203,19 @@ class OtterModel(OtterPreTrainedModel):
         `(batch, num_cross_attention_blocks, media * num_latents, 2 * heads * dim_head)`. `generate()` computes them
         once per call.
         """
-        return torch.stack([block.attn.media_key_values(image_features) for block in self.cross_attention_blocks()], 1)
+        return torch.stack(self._media_key_values_per_block(image_features), 1)
+
+    def _media_key_values_per_block(self, image_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """As `get_media_key_values`, one `(batch, media * num_latents, 2 * heads * dim_head)` tensor per block."""
+        return tuple(block.attn.media_key_values(image_features) for block in self.cross_attention_blocks())
 
     def media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1-based index of the latest `<image>` at or before each token, 0 before the first: `(batch, text_len)`."""
         return (input_ids == self.config.media_token_id).cumsum(dim=-1)
 
-    def _num_media(self, media_key_values: torch.Tensor) -> int:
-        return media_key_values.shape[2] // self.config.perceiver_num_latents
+    def _num_media(self, media_key_values: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+        per_block = media_key_values[0] if isinstance(media_key_values, tuple) else media_key_values[:, 0]
+        return per_block.shape[1] // self.config.perceiver_num_latents
 
     @staticmethod
     def _check_media_count(markers_per_sample: torch.Tensor, num_media: int) -> None:
@@ -222,14 +227,20 @@ class OtterModel(OtterPreTrainedModel):
 
     @contextmanager
     def _conditioned_on(self, input_ids, media_key_values, media_index, cache):
-        """Hand every cross-attention layer its media, keys/values and mask for one forward call."""
+        """
+        Hand every cross-attention layer its media, keys/values and mask for one forward call. `media_key_values` is
+        stacked (`get_media_key_values`) or one tensor per block (`_media_key_values_per_block`, what a forward from
+        pixel_values uses: a stacked tensor would cost a copy, and in training, one zero-filled gradient of its full
+        size per block).
+        """
         layers = [layer for layer in self.decoder_layers() if layer.gated_cross_attn_layer is not None]
         if media_key_values is not None:
             if input_ids is None:
                 raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
-            if media_key_values.shape[0] != input_ids.shape[0]:
+            per_block = media_key_values if isinstance(media_key_values, tuple) else media_key_values.unbind(1)
+            if per_block[0].shape[0] != input_ids.shape[0]:
                 raise ValueError(
-                    f"the images are for a batch of {media_key_values.shape[0]} but input_ids has {input_ids.shape[0]} rows"
+                    f"the images are for a batch of {per_block[0].shape[0]} but input_ids has {input_ids.shape[0]} rows"
                 )
             num_media = self._num_media(media_key_values)
             if media_index is None:
@@ -243,9 +254,9 @@ class OtterModel(OtterPreTrainedModel):
             attn_mask, has_media = media_attention_mask(
                 media_index, num_media, self.config.perceiver_num_latents, self.config.only_attend_immediate_media
             )
-            has_media = has_media.to(media_key_values.dtype)
-            for position, layer in enumerate(layers):
-                layer.media = (media_key_values[:, position], attn_mask, has_media)
+            has_media = has_media.to(per_block[0].dtype)
+            for layer, block_key_values in zip(layers, per_block, strict=True):
+                layer.media = (block_key_values, attn_mask, has_media)
         try:
             yield
         finally:
@@ -258,7 +269,7 @@ class OtterModel(OtterPreTrainedModel):
         if media_key_values is not None:
             raise ValueError("pass either pixel_values or media_key_values, not both")
         image_features = self.get_image_features(pixel_values)
-        return image_features, self.get_media_key_values(image_features)
+        return image_features, self._media_key_values_per_block(image_features)
 
     def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, **kwargs):
         """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
@@ -356,7 +367,10 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         not once per beam: its cache is then repeated for the beams.
         """
         if pixel_values is not None:
-            _, kwargs["media_key_values"] = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"))
+            if kwargs.get("media_key_values") is not None:
+                raise ValueError("pass either pixel_values or media_key_values, not both")
+            # stacked, batch first: generate() repeats it for beams and returned sequences
+            kwargs["media_key_values"] = self.get_media_key_values(self.get_image_features(pixel_values))
         if kwargs.get("media_key_values") is not None:
             if input_ids is None:
                 raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
@@ -367,7 +381,8 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         if copies > 1:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            kwargs["cache"] = self._shared_prompt_cache(input_ids, attention_mask, kwargs.get("media_key_values"), copies)
+            kwargs["cache"] = self._shared_prompt_cache(input_ids, attention_mask, kwargs.get("media_key_values"),
+                                                        copies)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     _OUTPUTS_OF_EVERY_PROMPT_POSITION = ("output_attentions", "output_hidden_states")

@@ -30,11 +30,17 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """media `(N, tokens, dim)`, latents `(N, num_latents, dim)` -> `(N, num_latents, dim)`."""
+        """
+        media `(N, tokens, dim)`, latents `(N, num_latents, dim)` -> `(N, num_latents, dim)`. Latents `(1, num_latents,
+        dim)` are the same for every media item (the first layer's): their query, keys and values are computed once.
+        """
+        count = media.shape[0]
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)
+        q = self.to_q(latents).expand(count, -1, -1)
+        # to_kv(cat(media, latents)), the latents' part once when they are shared
+        kv = torch.cat((self.to_kv(media), self.to_kv(latents).expand(count, -1, -1)), dim=1)
+        k, v = kv.chunk(2, dim=-1)
         q, k, v = (rearrange(t, "n s (h d) -> n h s d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "n h s d -> n s (h d)"))
@@ -63,7 +69,7 @@ class PerceiverResampler(nn.Module):
         if self.frame_embs is not None:
             features = features + self.frame_embs[:frames, None]
         media_tokens = rearrange(features, "b m f t d -> (b m) (f t) d")
-        latents = self.latents.expand(media_tokens.shape[0], -1, -1)
+        latents = self.latents[None]  # (1, num_latents, dim): broadcast over the media items by the first layer
         for attn, ff in self.layers:
             latents = attn(media_tokens, latents) + latents
             latents = ff(latents) + latents

@@ -177,11 +177,12 @@ def test_generate_encodes_images_once(tiny, images, settings):
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3, length_penalty=0.0), dict(num_beams=2, num_return_sequences=2)])
 def test_beams_share_one_run_of_the_prompt(tiny, images, settings, monkeypatch):
-    """The prompt runs once per sample, not per beam; beams, returned sequences and scores are those of a run per beam."""
+    """The prompt runs once per sample, not per beam; beams, sequences and scores are those of a run per beam."""
     model, processor = tiny
     batch = two_sample_batch(processor, images)
     rows_per_call = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: rows_per_call.append(args[0].shape))
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: rows_per_call.append(args[0].shape))
     settings = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, **settings)
     shared = model.generate(**batch, **settings)
     hook.remove()

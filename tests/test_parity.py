@@ -60,3 +60,34 @@ def test_beam_search_matches_reference(family, images):
         theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
                                     use_cache=True, **settings)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_gradients_match_reference(family, images):
+    """One perceiver + cross-attention training step: the same loss, and the same gradient for every trained weight."""
+    model, processor, reference = build_pair(family, 2)
+    batch = processor(text=TEXTS, images=[images[:2], images[2:3], images[1:4]])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    ours_blocks = model.cross_attention_blocks()
+    theirs_blocks = [block for block in reference.lang_encoder.gated_cross_attn_layers if block is not None]
+    ours_trained = {"perceiver": model.perceiver, **{f"block{i}": block for i, block in enumerate(ours_blocks)}}
+    theirs_trained = {"perceiver": reference.perceiver, **{f"block{i}": block for i, block in enumerate(theirs_blocks)}}
+    losses = []
+    for net, trained, run in ((model, ours_trained, lambda: model(**batch, labels=labels).loss),
+                              (reference, theirs_trained, lambda: reference(batch["pixel_values"], batch["input_ids"],
+                                                                            attention_mask=batch["attention_mask"],
+                                                                            labels=labels).loss)):
+        net.train()
+        net.requires_grad_(False)
+        for module in trained.values():
+            module.requires_grad_(True)
+        loss = run()
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name in ours_trained:
+        ours = dict(ours_trained[name].named_parameters())
+        theirs = dict(theirs_trained[name].named_parameters())
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key].grad, theirs[key].grad, rtol=1e-3, atol=1e-6, msg=f"{name}.{key}")
