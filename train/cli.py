@@ -51,7 +51,7 @@ def register(commands) -> None:
         _add_options(parser)
         parser.set_defaults(func=run, objective=objective)
     parser = subcommands.add_parser(
-        "shapesworld", help="reproduce the shipped ShapesWorld model from nothing (about 50 min on 2 CPU cores)",
+        "shapesworld", help="reproduce the shipped ShapesWorld model from nothing (about an hour on 2 CPU cores)",
         description="Every stage of the model the package ships, with the project's own code: data, CLIP, "
                     "tokenizer and language model, perceiver + cross-attention pretraining, instruction tuning, fp16 "
                     "export, held-out evaluation. Rerun on the same --out to continue an interrupted run.",

@@ -58,7 +58,7 @@ class Recipe:
     instruction_examples: int = 16_000
     eval_count: int = 200
     # CLIP: ViT 4 x 128 on 64 px, patch 8
-    clip_steps: int = 400
+    clip_steps: int = 1000
     clip_batch: int = 256
     clip_lr: float = 1e-3
     # tokenizer and LM: MPT 4 x 192
@@ -72,7 +72,8 @@ class Recipe:
     lm_lr: float = 2e-3
     # Otter
     cross_attn_every_n_layers: int = 1
-    pretrain_steps: int = 600
+    gate_init: float = 1.0  # tanh gates start open (see `assemble`)
+    pretrain_steps: int = 1200
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
     finetune_steps: int = 1500
@@ -401,6 +402,13 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
         torch.manual_seed(recipe.seed)
         model, processor = from_parts(clip_dir / "vision", lm_dir / "lm", lm_dir / "tokenizer",
                                       recipe.cross_attn_every_n_layers, **OTTER_SIZES)
+        # Flamingo's gates start at 0 so that a large pretrained LM is untouched at step 0; but a gate at 0 also
+        # blocks every gradient to its block, and at this scale the gates then stay shut (measured: after 600
+        # pretraining steps every |gate| < 0.04 and the captions ignore the image). Opened, they learn at once.
+        with torch.no_grad():
+            for block in model.cross_attention_blocks():
+                block.attn_gate.fill_(recipe.gate_init)
+                block.ff_gate.fill_(recipe.gate_init)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
