@@ -148,22 +148,23 @@ def bench_generation(model, reference, spec, device, dtype, repeats, new_tokens=
 EVAL_WORDS = ["<|endoftext|>", "Question", "Short", "answer", ":", "?"]
 
 
-def eval_tokenizer(vocab_size=VOCAB):
+def eval_tokenizer(vocab_size):
     """
-    A word-level tokenizer of `vocab_size` entries (the prompt's fixed words, then `w<id>` fillers), so that the
-    evaluation runs on the same vocabulary and LM head as the other parts; `<image>`, `<|endofchunk|>` and `<PAD>` are
-    MEDIA, EOC and PAD.
+    A word-level tokenizer of `vocab_size` entries (the model's vocabulary: the prompt's fixed words, `w<id>` fillers,
+    and `<image>`, `<|endofchunk|>`, `<PAD>` at MEDIA, EOC, PAD), so that the evaluation runs on the same LM head as
+    the other parts and every generated id decodes.
     """
+    specials = {IMAGE_TOKEN: MEDIA, END_OF_CHUNK: EOC, "<PAD>": PAD}
     vocab = {word: index for index, word in enumerate(EVAL_WORDS)}
-    vocab.update({f"w{index}": index for index in range(len(EVAL_WORDS), vocab_size)})
+    vocab.update({f"w{index}": index for index in range(len(EVAL_WORDS), vocab_size) if index not in specials.values()})
+    vocab.update(specials)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, END_OF_CHUNK]})
-    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, END_OF_CHUNK, "<PAD>"])
-    if ids != [MEDIA, EOC, PAD]:
-        raise RuntimeError(f"special token ids {ids}, expected {[MEDIA, EOC, PAD]}")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, END_OF_CHUNK], "pad_token": "<PAD>"})
+    ids = tokenizer.convert_tokens_to_ids(list(specials))
+    if ids != list(specials.values()) or len(tokenizer) != vocab_size:
+        raise RuntimeError(f"special token ids {ids}, expected {list(specials.values())}; {len(tokenizer)} tokens")
     return tokenizer
 
 
@@ -193,7 +194,8 @@ def write_vqa(root: Path, pool_size, test_size, shots, seed, query_set_size, ima
             Image.fromarray(colours).resize(image_size, Image.Resampling.BILINEAR).save(
                 folder / f"COCO_{split}_{first_id + n:012d}.jpg", quality=90)
         header = {"info": {}, "license": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split}
-        (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({**header, "questions": questions}))
+        questions_file = root / f"v2_OpenEnded_mscoco_{split}_questions.json"
+        questions_file.write_text(json.dumps({**header, "questions": questions}))
         (root / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({**header, "annotations": annotations}))
     return plan
 
@@ -305,7 +307,7 @@ def bench_evaluation(model, reference, spec, device, dtype, repeats, batch_size=
     from open_flamingo.eval.eval_datasets import VQADataset
 
     size = spec["vision"]["image_size"]
-    tokenizer = eval_tokenizer()
+    tokenizer = eval_tokenizer(spec["text"]["vocab_size"])
     processor = OtterProcessor(image_processor=clip_image_processor(size), tokenizer=tokenizer)
     eval_model = ReferenceEvalModel(reference, tokenizer, image_transform(size, is_train=False), device, dtype)
     test_size = batch_size * batches
@@ -464,8 +466,8 @@ def report(results, device, spec):
         lines.append("")
     if "evaluation" in results:
         first = results["evaluation"][0]
-        lines += [f"### Few-shot evaluation ({first['shots']}-shot VQAv2, OpenFlamingo's protocol: 3 beams, 5 new tokens, "
-                  f"length penalty 0; {first['examples']} synthetic examples in batches of {first['batch']})", "",
+        lines += [f"### Few-shot evaluation ({first['shots']}-shot VQAv2, OpenFlamingo's protocol: 3 beams, 5 new "
+                  f"tokens, length penalty 0; {first['examples']} synthetic examples in batches of {first['batch']})", "",
                   "| demonstrations drawn from | distinct demo images | examples/s Otter | reference | ratio | "
                   "same predictions |", "|---|---|---|---|---|---|"]
         for row in results["evaluation"]:

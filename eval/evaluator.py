@@ -62,7 +62,8 @@ class ImageFeatureCache:
 
 
 @torch.no_grad()
-def encode_batch(model, processor, texts: list[str], images: list[list], cache: ImageFeatureCache | None = None) -> dict:
+def encode_batch(model, processor, texts: list[str], images: list[list],
+                 cache: ImageFeatureCache | None = None) -> dict:
     """
     Left-padded `input_ids`, `attention_mask` `(B, T)` and the cross-attention `media_key_values`
     `(B, blocks, media * latents, 2 * heads * dim_head)` of a batch. `images[b]` are the images (paths or PIL images)
