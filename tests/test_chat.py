@@ -7,11 +7,17 @@ from PIL import Image
 
 from otter import OtterForConditionalGeneration, OtterProcessor
 from otter.chat import ChatTurn, chat_prompt, chat_template, single_prompt
-from otter.cli import main, shape_image
+from otter.cli import main
 from otter.prompts import END_OF_CHUNK
+from otter.shapesworld import Scene, Shape, render
 from otter.tiny import build_tiny_otter
 from otter.train.data import Turn, instruction_text
 from otter.train.trainer import add_answer_token
+
+
+def shape_image(colour: str):
+    """A circle of `colour` in the centre of a ShapesWorld image."""
+    return render(Scene((Shape("circle", colour, 0.5, 0.5, 0.2),), "centre"))
 
 
 @pytest.fixture(scope="module")
