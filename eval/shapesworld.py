@@ -19,12 +19,11 @@ answers are those the training data uses, so that evaluation prompts equal train
 import json
 from pathlib import Path
 
-from otter.shapesworld import VQA_KINDS, ShapesWorld, nonce_words, render
+from otter.shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, nonce_words, render
 
 from .datasets import Benchmark, Example
 
 FILES = {"vqa": "vqa.jsonl", "binding": "binding.jsonl", "comparison": "comparison.jsonl"}
-BINDING_INSTRUCTION = "What is it called?"
 BINDING_WAYS = 2
 BINDING_WORDS = 200  # the held-out nonce words an episode's names are drawn from
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .shapesworld import VQA_KINDS, ShapesWorld, describe, nonce_words, render
+from .shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
 
 
 @dataclass
@@ -43,7 +43,7 @@ def episodes(seed: int, count: int, shots: int) -> list[Episode]:
     result = []
     for _ in range(count):
         episode = world.binding_episode(shots, words=words, ways=2)
-        turns = [{"scenes": [turn["scene"]], "instruction": "What is it called?", "answer": turn["answer"]}
+        turns = [{"scenes": [turn["scene"]], "instruction": BINDING_INSTRUCTION, "answer": turn["answer"]}
                  for turn in [*episode["demos"], episode["query"]]]
         result.append(Episode("fast binding", 0, [], turns[-1]))
         result.append(Episode("fast binding", shots, turns[:-1], turns[-1]))

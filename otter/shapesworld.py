@@ -28,6 +28,7 @@ POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bot
 NUMBERS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (205, 205, 205)
 VQA_KINDS = ("colour", "shape", "count", "position", "yes/no")
+BINDING_INSTRUCTION = "What is it called?"  # the question of every fast-binding turn, in training and evaluation
 QUESTIONS = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",

@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 
-from otter.shapesworld import ShapesWorld, describe, nonce_words, render
+from otter.shapesworld import BINDING_INSTRUCTION, ShapesWorld, describe, nonce_words, render
 
 logger = logging.getLogger(__name__)
 
 CAPTION_INSTRUCTION = "Describe the image."
-BINDING_INSTRUCTION = "What is it called?"
 CLIP_NAME = "shapesworld-vit"
 
 
