@@ -52,7 +52,7 @@ class Recipe:
     training_words: int = 2000
     clip_images: int = 24_000
     lm_documents: int = 12_000
-    web_samples: int = 12_000
+    web_samples: int = 48_000
     web_shards: int = 4
     instruction_examples: int = 16_000
     eval_count: int = 200
@@ -72,10 +72,10 @@ class Recipe:
     # Otter
     cross_attn_every_n_layers: int = 1
     gate_init: float = 1.0  # tanh gates start open (see `assemble`)
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 3000
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
-    finetune_steps: int = 1500
+    finetune_steps: int = 1200
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
 
@@ -135,10 +135,14 @@ def write_text_corpus(path: Path, recipe: Recipe, words: list[str]) -> None:
     path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
 
 
-def write_web_shards(folder: Path, recipe: Recipe, words: list[str]) -> list[str]:
+def write_web_shards(folder: Path, recipe: Recipe) -> list[str]:
     """
-    Webdataset shards: LAION-style pairs (png + txt caption) and MMC4-style documents whose images each precede
-    their sentence (a caption, or "This is a <nonce word>." with words bound inside the document).
+    Webdataset shards: LAION-style pairs (png + txt caption, 85% of them one-object scenes) and MMC4-style documents
+    of 2-5 captioned scenes, each image before its sentence.
+
+    Nonce-word documents ("This is a dax." after each image) are left to instruction tuning on purpose: here they
+    kept the perceiver from learning shapes (1500 training steps from the assembled model: one-object captions
+    named the right shape 9/40 times with 15% of the samples such documents, 27/40 with caption documents instead).
     """
     world, rng = ShapesWorld(recipe.seed + 2), random.Random(recipe.seed + 2)
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,20 +152,13 @@ def write_web_shards(folder: Path, recipe: Recipe, words: list[str]) -> list[str
     try:
         for index in range(samples):
             shard, key = shards[index % len(shards)], f"{index:08d}"
-            if rng.random() < 0.4:
-                scene = world.caption()["scene"]
+            if rng.random() < 0.7:
+                scene = world.caption()["scene"] if rng.random() < 0.15 else world.scene(1)
                 members = {"png": png_bytes(scene), "txt": (describe(scene) + ".").encode()}
             else:
-                if rng.random() < 0.5:
-                    scenes = [world.caption()["scene"] for _ in range(rng.randint(2, 5))]
-                    sentences = [describe(scene).capitalize() + "." for scene in scenes]
-                else:
-                    episode = world.binding_episode(shots=rng.randint(2, 5), words=words, ways=rng.choice((2, 3)))
-                    turns = [*episode["demos"], episode["query"]]
-                    scenes = [turn["scene"] for turn in turns]
-                    sentences = [f"This is a {turn['answer']}." for turn in turns]
+                scenes = [world.caption()["scene"] for _ in range(rng.randint(2, 5))]
                 document = {
-                    "text_list": sentences,
+                    "text_list": [describe(scene).capitalize() + "." for scene in scenes],
                     "image_info": [{"image_base64": base64.b64encode(png_bytes(scene)).decode()} for scene in scenes],
                     "similarity_matrix": [[float(i == j) for j in range(len(scenes))] for i in range(len(scenes))],
                 }
@@ -379,7 +376,7 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
     def data(folder):
         folder.mkdir()
         write_text_corpus(folder / "text.txt", recipe, words)
-        write_web_shards(folder / "web", recipe, words)
+        write_web_shards(folder / "web", recipe)
         write_mimicit(folder / "instructions", recipe, words)
 
     data_dir = stages.run("data", data)
@@ -417,6 +414,7 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
         model=str(initial), data=web, out=str(folder), objective="pretraining",
         max_steps=recipe.scaled("pretrain_steps"), batch_size=recipe.pretrain_batch, lr=recipe.pretrain_lr,
         warmup_steps=50, seed=recipe.seed, num_workers=1, save_every=10**9, precision="fp32",
+        augment=False,  # OpenFlamingo's random flips would swap the captions' left and right and object order
         web=WebDataOptions(min_image_bytes=0, single_image_keep_prob=1.0, shuffle_buffer=500),
     )))
     instructions = str(data_dir / "instructions" / "shapesworld_instructions.json")
