@@ -367,10 +367,9 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         not once per beam: its cache is then repeated for the beams.
         """
         if pixel_values is not None:
-            if kwargs.get("media_key_values") is not None:
-                raise ValueError("pass either pixel_values or media_key_values, not both")
+            _, per_block = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"))
             # stacked, batch first: generate() repeats it for beams and returned sequences
-            kwargs["media_key_values"] = self.get_media_key_values(self.get_image_features(pixel_values))
+            kwargs["media_key_values"] = torch.stack(per_block, 1)
         if kwargs.get("media_key_values") is not None:
             if input_ids is None:
                 raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
