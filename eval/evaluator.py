@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from otter.processing_otter import load_image
-from otter.prompts import IMAGE_TOKEN, PromptTemplate
+from otter.prompts import IMAGE_TOKEN, PromptTemplate, with_images
 
 from .datasets import Benchmark, Example
 from .demos import ImageEmbedder, random_demos, rices_demos
@@ -148,21 +148,21 @@ def rank_classes(model, inputs: dict, class_token_ids: list[list[int]], classes_
 
 # -- prompts ---------------------------------------------------------------------------------------------------------
 def _with_images(template: PromptTemplate, text: str, count: int, example: Example) -> str:
-    """`text`, one turn of `template`, starting with one `<image>` per image of the turn (`count`) instead of one."""
+    """`text`, one turn of `template`, showing the turn's `count` images as training does (`with_images`)."""
     if count == 1:
         return text
     if template.template.count(IMAGE_TOKEN) != 1 or not text.startswith(IMAGE_TOKEN):
         raise ValueError(f"sample {example.id!r} shows {count} images, but the prompt template {template.template!r} "
-                         f"does not start with a single {IMAGE_TOKEN} to repeat")
-    return IMAGE_TOKEN * count + text[len(IMAGE_TOKEN):]
+                         f"does not start with a single {IMAGE_TOKEN}")
+    return with_images(text, count)
 
 
 def build_prompt(task: Task, example: Example, demos: list[Example], shots: int) -> tuple[str, list]:
     """
     A sample's prompt and its images: every demo filled in (`PromptTemplate.demo`) and followed by the template's
     separator, then the query cut before its answer (`PromptTemplate.query`), as `otter.prompts.few_shot_prompt` does.
-    A turn with several images (`Example.image` a tuple) starts with one `<image>` per image, as in training
-    (`otter.train.data.instruction_text`). With `shots == 0` the demos are text-only (their `<image>` removed) and only
+    A turn with several images (`Example.image` a tuple) shows each before its own label, as in training
+    (`otter.prompts.with_images`). With `shots == 0` the demos are text-only (their `<image>` removed) and only
     the query's images are given: OpenFlamingo's zero-shot protocol.
     """
     template = task.prompt

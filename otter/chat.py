@@ -36,11 +36,11 @@ def chat_template(prompt_format: str):
 
 
 def _turn_text(template, message: str, num_images: int, answer: str | None = None) -> str:
-    """One turn, with one `<image>` per image at its start (none without images), as training writes it."""
-    from .prompts import IMAGE_TOKEN
+    """One turn showing `num_images` images as training writes it (`otter.prompts.with_images`)."""
+    from .prompts import with_images
 
     text = template.query(instruction=message) if answer is None else template.demo(instruction=message, answer=answer)
-    return IMAGE_TOKEN * num_images + text.removeprefix(IMAGE_TOKEN)
+    return with_images(text, num_images)
 
 
 def chat_prompt(history: list[ChatTurn], message: str, num_images: int, template=None) -> str:

@@ -263,17 +263,34 @@ class OtterModel(OtterPreTrainedModel):
             for layer in layers:
                 layer.media = None
 
-    def _media_key_values_for(self, pixel_values, media_key_values):
+    def _media_key_values_for(self, pixel_values, media_key_values, input_ids=None):
+        """
+        Image features and per-block media keys/values for `pixel_values`. With `input_ids` (the full sequences), the
+        media items after a sample's last `<image>` (batch padding) are not encoded: their features stay zero, and no
+        token attends to them.
+        """
         if pixel_values is None:
             return None, media_key_values
         if media_key_values is not None:
             raise ValueError("pass either pixel_values or media_key_values, not both")
-        image_features = self.get_image_features(pixel_values)
+        used = None
+        if input_ids is not None and pixel_values.ndim >= 5 and pixel_values.shape[0] == input_ids.shape[0]:
+            media = pixel_values.shape[1]
+            used = torch.arange(media, device=input_ids.device) < self.media_index(input_ids)[:, -1:]
+            used = None if used.all() or not used.any() else used.to(pixel_values.device)
+        if used is None:
+            image_features = self.get_image_features(pixel_values)
+        else:
+            encoded = self.get_image_features(pixel_values[used].unsqueeze(0))[0]  # (used media, latents, dim)
+            image_features = encoded.new_zeros(*used.shape, *encoded.shape[1:])
+            image_features[used] = encoded
         return image_features, self._media_key_values_per_block(image_features)
 
     def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, **kwargs):
         """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
-        image_features, media_key_values = self._media_key_values_for(pixel_values, media_key_values)
+        full_sequences = media_index is None and (cache is None or cache.get_seq_length() == 0)
+        image_features, media_key_values = self._media_key_values_for(
+            pixel_values, media_key_values, input_ids if full_sequences else None)
         with self._conditioned_on(input_ids, media_key_values, media_index, cache):
             outputs = language_model(input_ids=input_ids, cache=cache, **kwargs)
         return image_features, outputs
@@ -293,7 +310,7 @@ class OtterModel(OtterPreTrainedModel):
         r"""
         input_ids `(batch, text_len)` with `<image>` tokens where images go; pixel_values
         `(batch, media, frames, C, H, W)` (or 5-D for single frames), media padded with anything for samples with
-        fewer images (padded media are never attended). `media_key_values` (from `get_media_key_values`) replaces
+        fewer images (padded media are never attended, nor encoded: their `image_hidden_states` are zeros). `media_key_values` (from `get_media_key_values`) replaces
         pixel_values when the images were encoded already; `media_index` (from `media_index()` on the full sequence)
         is needed when decoding new tokens against `cache`.
         """
@@ -367,7 +384,7 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         not once per beam: its cache is then repeated for the beams.
         """
         if pixel_values is not None:
-            _, per_block = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"))
+            _, per_block = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"), input_ids)
             # stacked, batch first: generate() repeats it for beams and returned sequences
             kwargs["media_key_values"] = torch.stack(per_block, 1)
         if kwargs.get("media_key_values") is not None:

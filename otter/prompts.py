@@ -42,6 +42,25 @@ HATEFUL_MEMES = PromptTemplate(
 OTTER_CHAT = PromptTemplate("<image>User: {instruction} GPT:<answer> {answer}", "answer")
 
 
+def with_images(text: str, count: int) -> str:
+    """
+    `text`, one filled template turn that starts with a single `<image>`, made to show `count` images: none drops the
+    marker; several put each image before its own label (`<image>Image 1. <image>Image 2. User: ...`). Flamingo's
+    cross-attention shows a text token only the latest image before it, so with the markers side by side
+    (`<image><image>User: ...`) only the first marker itself would see the first image; each label's tokens see
+    their image, and the text after them reads it through self-attention. Training, evaluation and chat all write
+    turns this way.
+    """
+    if not text.startswith(IMAGE_TOKEN):
+        raise ValueError(f"a turn to show {count} images must start with {IMAGE_TOKEN}, got {text[:40]!r}")
+    if count < 0:
+        raise ValueError(f"a turn shows 0 or more images, got {count}")
+    rest = text[len(IMAGE_TOKEN):]
+    if count <= 1:
+        return IMAGE_TOKEN * count + rest
+    return "".join(f"{IMAGE_TOKEN}Image {i}. " for i in range(1, count + 1)) + rest
+
+
 def few_shot_prompt(template: PromptTemplate, demos: list[dict], query: dict, text_only_demos: bool = False) -> str:
     """
     `demos` (each a dict of the template's fields, answer included) then `query` (without the answer).

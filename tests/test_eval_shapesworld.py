@@ -154,7 +154,8 @@ def test_zero_shot_prompts_hold_only_the_query(data_dir):
     assert text == "<image>User: What is it called? GPT:<answer>" and images == [binding.image]
     comparison = load_shapesworld("comparison", data_dir).test[0]
     text, images = build_prompt(TASKS["shapesworld_comparison"], comparison, [], 0)
-    assert text == "<image><image>User: What are the two shapes? GPT:<answer>" and images == list(comparison.image)
+    assert text == "<image>Image 1. <image>Image 2. User: What are the two shapes? GPT:<answer>"
+    assert images == list(comparison.image)
     assert all(TASKS[f"shapesworld_{kind}"].zero_shot_demos == 0 for kind in FILES)
 
 

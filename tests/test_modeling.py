@@ -115,6 +115,23 @@ def test_samples_with_fewer_images_see_only_their_own(tiny, images):
     assert torch.equal(batched, batched_noise)
 
 
+def test_padded_media_are_not_encoded(tiny, images):
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)  # 2 images and 1 image: one padded media item
+    encoded = []
+    hook = model.vision_model.register_forward_pre_hook(
+        lambda _, args, kwargs: encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+            generated = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    assert encoded == [3, 3]
+    assert out.image_hidden_states[1, 1].abs().max() == 0 and out.image_hidden_states[1, 0].abs().max() > 0
+    assert generated.shape[0] == 2
+
+
 def test_text_before_the_first_image_gets_the_feed_forward_branch_only(tiny, images):
     model, processor = tiny
     text = "words before the image<image>Output:"

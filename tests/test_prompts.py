@@ -1,6 +1,8 @@
 import pytest
 
-from otter.prompts import CAPTION, CLASSIFICATION, HATEFUL_MEMES, OTTER_CHAT, VQA, PromptTemplate, few_shot_prompt
+from otter.prompts import (
+    CAPTION, CLASSIFICATION, HATEFUL_MEMES, OTTER_CHAT, VQA, PromptTemplate, few_shot_prompt, with_images,
+)
 
 
 def test_openflamingo_templates():
@@ -37,3 +39,15 @@ def test_few_shot_prompt():
 def test_template_without_its_answer_field():
     with pytest.raises(ValueError, match="has no {answer} field"):
         PromptTemplate("<image>Output:{caption}", "answer").query(caption="x")
+
+
+def test_with_images_labels_each_image_of_a_turn():
+    query = OTTER_CHAT.query(instruction="What are the two shapes?")
+    assert with_images(query, 1) == query
+    assert with_images(query, 0) == "User: What are the two shapes? GPT:<answer>"
+    assert with_images(query, 3) == (
+        "<image>Image 1. <image>Image 2. <image>Image 3. User: What are the two shapes? GPT:<answer>")
+    with pytest.raises(ValueError, match="must start with <image>"):
+        with_images("User: hi", 2)
+    with pytest.raises(ValueError, match="0 or more images, got -1"):
+        with_images(query, -1)

@@ -139,6 +139,16 @@ def test_bad_records_are_skipped_counted_and_reported(model_dir, tmp_path):
     assert all((m["loss"] is None) == (m["examples"] == 0) for m in metrics)
 
 
+def test_full_training_can_keep_the_vision_encoder_frozen(model_dir):
+    model = OtterForConditionalGeneration.from_pretrained(model_dir)
+    config = TrainingConfig(model="m", data=["d.jsonl"], out="o", full=True, freeze_vision=True)
+    configure_training(model, config, [])
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert frozen == {name for name, _ in model.named_parameters() if name.startswith("vision_model.")} != set()
+    with pytest.raises(ValueError, match="freeze_vision applies to full training"):
+        TrainingConfig(model="m", data=["d.jsonl"], out="o", freeze_vision=True)
+
+
 def test_weight_decay_applies_to_cross_attention_only(model_dir):
     model = OtterForConditionalGeneration.from_pretrained(model_dir)
     configure_training(model, TrainingConfig(model="m", data=["d.jsonl"], out="o", full=True), [])

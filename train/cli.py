@@ -37,6 +37,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-output", choices=["merged", "adapter"],
                         help="merge LoRA into the weights (default) or save it as out/lora-adapter")
     parser.add_argument("--full", action="store_true", default=None, help="train every parameter of the model")
+    parser.add_argument("--freeze-vision", action="store_true", default=None,
+                        help="with --full: keep the vision encoder frozen")
     parser.add_argument("--max-length", type=int, help="tokens kept per instruction example (default 512)")
     parser.add_argument("--seed", type=int, help="data order, augmentation and initialisation (default 42)")
     parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per process (default 2)")

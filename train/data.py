@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from otter.processing_otter import load_image
-from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, OTTER_CHAT
+from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, OTTER_CHAT, with_images
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +76,12 @@ def instruction_text(turns: list[Turn]) -> str:
     """
     Otter's training text: every turn in `OTTER_CHAT`'s format (`<image>User: {instruction} GPT:<answer> {answer}`
     and `<|endofchunk|>`), in-context turns first, each followed by the template's separator as at inference
-    (`otter.prompts.few_shot_prompt`). A turn with several images starts with one `<image>` per image; a turn with
-    none has no marker.
+    (`otter.prompts.few_shot_prompt`). A turn with several images shows each before its own label, a turn with none
+    has no marker (`otter.prompts.with_images`).
     """
-    parts = []
-    for turn in turns:
-        demo = OTTER_CHAT.demo(instruction=turn.instruction, answer=turn.answer)
-        parts.append(IMAGE_TOKEN * len(turn.images) + demo.removeprefix(IMAGE_TOKEN))
-    return OTTER_CHAT.separator.join(parts)
+    return OTTER_CHAT.separator.join(
+        with_images(OTTER_CHAT.demo(instruction=turn.instruction, answer=turn.answer), len(turn.images))
+        for turn in turns)
 
 
 def _special_token_in(*texts: str) -> str | None:

@@ -12,7 +12,8 @@ Reproduces the Otter model the package ships, from nothing, with the project's o
    on the text corpus (scenes described in words, questions, answers, comparisons, nonce-word episodes).
 4. `pretrain/`: the perceiver and gated cross-attention trained on the web shards with both backbones frozen
    (`otter train pretrain`).
-5. `finetune/`: instruction tuning of the whole model on the MIMIC-IT set (`otter train finetune --full`).
+5. `finetune/`: instruction tuning of the whole model but CLIP on the MIMIC-IT set (`otter train finetune --full
+   --freeze-vision`).
 6. `model/`: the result in fp16 safetensors (what the package ships as `otter.SHAPESWORLD_MODEL`).
 7. `eval_data/`, `eval/`: `otter eval` on held-out ShapesWorld sets (`results.md`).
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from otter.shapesworld import BINDING_INSTRUCTION, ShapesWorld, describe, nonce_words, render
+from otter.shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +90,26 @@ OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, 
 
 
 # -- text -------------------------------------------------------------------------------------------------------------
+# episode kinds (vqa, caption, comparison, binding) and VQA question kinds (VQA_KINDS order) in the training data:
+# binding and the two VQA kinds that need more than naming what is seen (position, yes/no) are drawn more often
+EPISODE_WEIGHTS = (30, 5, 20, 45)
+VQA_KIND_WEIGHTS = (1, 1, 1, 2, 3)
+
+
 def _turns(world: ShapesWorld, words: list[str]) -> list[dict]:
     """One random episode of ShapesWorld turns: {"scenes", "instruction", "answer"} dicts, the query last."""
     rng = world.rng
-    kind = rng.choices(("vqa", "caption", "comparison", "binding"), weights=(35, 10, 20, 35))[0]
+    kind = rng.choices(("vqa", "caption", "comparison", "binding"), weights=EPISODE_WEIGHTS)[0]
     if kind == "binding":
-        episode = world.binding_episode(shots=rng.randint(1, 8), words=words, ways=rng.choice((2, 2, 3)))
+        ways = rng.choice((2, 2, 3))
+        episode = world.binding_episode(shots=rng.randint(ways, 8), words=words, ways=ways)
         return [{"scenes": [turn["scene"]], "instruction": BINDING_INSTRUCTION, "answer": turn["answer"]}
                 for turn in [*episode["demos"], episode["query"]]]
     count = 1 + (rng.randint(1, 4) if rng.random() < 0.5 else 0)
     turns = []
     for _ in range(count if kind != "caption" else 1 + (rng.random() < 0.3)):
         if kind == "vqa":
-            record = world.vqa()
+            record = world.vqa(rng.choices(VQA_KINDS, weights=VQA_KIND_WEIGHTS)[0])
             turns.append({"scenes": [record["scene"]], "instruction": record["question"], "answer": record["answer"]})
         elif kind == "caption":
             scene = world.caption()["scene"]
@@ -114,11 +122,16 @@ def _turns(world: ShapesWorld, words: list[str]) -> list[dict]:
 
 
 def text_document(turns: list[dict]) -> str:
-    """The episode in words only, each image replaced by its description: what the language model learns from."""
+    """
+    The episode in words only, each image replaced by its description (and, in a turn of several images, followed by
+    its label as `otter.prompts.with_images` writes it): what the language model learns from.
+    """
     lines = []
     for turn in turns:
-        scenes = " ".join(f"Scene: {describe(scene)}." for scene in turn["scenes"])
-        lines.append(f"{scenes} User: {turn['instruction']} GPT: {turn['answer']}")
+        scenes = [f"Scene: {describe(scene)}." for scene in turn["scenes"]]
+        if len(scenes) > 1:
+            scenes = [f"{scene} Image {i}." for i, scene in enumerate(scenes, 1)]
+        lines.append(f"{' '.join(scenes)} User: {turn['instruction']} GPT: {turn['answer']}")
     return "\n".join(lines)
 
 
@@ -421,7 +434,8 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
     finetuned = stages.run("finetune", lambda folder: train(TrainingConfig(
         model=str(pretrained), data=[instructions], out=str(folder), objective="instruction",
         max_steps=recipe.scaled("finetune_steps"), batch_size=recipe.finetune_batch, lr=recipe.finetune_lr,
-        warmup_steps=50, full=True, seed=recipe.seed, num_workers=1, save_every=10**9, precision="fp32",
+        warmup_steps=50, full=True, freeze_vision=True, seed=recipe.seed, num_workers=1, save_every=10**9,
+        precision="fp32",
     )))
     model_dir = stages.run("model", lambda folder: export_fp16(finetuned, folder))
     eval_data = stages.run("eval_data", lambda folder: write_eval_sets(

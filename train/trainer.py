@@ -68,7 +68,8 @@ class TrainingConfig:
     What trains: the perceiver and cross-attention always; `train_embeddings` adds the embedding rows of the tokens
         Otter adds (`<image>`, `<|endofchunk|>`, `<answer>`), and only those rows; `lora` adds LoRA adapters on the
         language model's attention (`lora_target_modules` overrides peft's choice per family), written `merged` into
-        the weights or as an `adapter` folder (`lora_output`); `full` trains every parameter.
+        the weights or as an `adapter` folder (`lora_output`); `full` trains every parameter, but the vision
+        encoder's with `freeze_vision` (Otter's instruction tuning keeps CLIP frozen; it also saves its backward).
     max_length: tokens kept per instruction example (right truncation); web data use `web`'s OpenFlamingo options.
     augment: random horizontal flips (OpenFlamingo's augmentation); None means on for pretraining, off otherwise.
     save_every / keep_checkpoints / resume: checkpoint period, how many to keep, continue from the latest one.
@@ -97,6 +98,7 @@ class TrainingConfig:
     lora_target_modules: list[str] | None = None
     lora_output: str = "merged"
     full: bool = False
+    freeze_vision: bool = False
     max_length: int = 512
     augment: bool | None = None
     web: WebDataOptions = field(default_factory=WebDataOptions)
@@ -136,6 +138,8 @@ class TrainingConfig:
             )
         if self.full and self.lora:
             raise ValueError("choose full (train every parameter) or lora (adapters on the language model), not both")
+        if self.freeze_vision and not self.full:
+            raise ValueError("freeze_vision applies to full training; without full the vision encoder is frozen already")
         if self.objective == PRETRAINING and self.max_steps is None:
             raise ValueError("pretraining streams webdataset shards without a known length: give max_steps")
         if self.objective == PRETRAINING and self.epochs is not None:
@@ -232,6 +236,8 @@ def configure_training(model: OtterForConditionalGeneration, config: TrainingCon
         trained = model
     if config.full:
         model.requires_grad_(True)
+        if config.freeze_vision:
+            model.vision_model.requires_grad_(False)
         return trained
     model.freeze_backbones(train_embeddings=config.train_embeddings)
     if config.lora:
