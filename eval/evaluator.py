@@ -306,7 +306,7 @@ def evaluate(
 
     class_token_ids = None
     if task.ranks_classes and benchmark.class_names is not None:
-        class_token_ids = _class_token_ids(processor, benchmark.class_names)
+        class_token_ids = _class_token_ids(processor, benchmark.class_names, task.prompt)
 
     results = []
     with open(out.with_suffix(".samples.jsonl"), "a", encoding="utf-8") as log:
@@ -360,9 +360,13 @@ def evaluate(
     return report
 
 
-def _class_token_ids(processor, names: list[str]) -> list[list[int]]:
-    """Each class name tokenized alone, as OpenFlamingo does."""
-    token_ids = processor.tokenizer(list(names), add_special_tokens=False)["input_ids"]
+def _class_token_ids(processor, names: list[str], template: PromptTemplate) -> list[list[int]]:
+    """
+    Each class name tokenized alone, as OpenFlamingo does, after the template's `answer_lead`: in Otter's chat format
+    the answer is " name" (one token " b" in BPE, as training wrote it), not "name".
+    """
+    texts = [template.answer_lead + name for name in names]
+    token_ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
     empty = [name for name, ids in zip(names, token_ids) if not ids]
     if empty:
         raise ValueError(f"class names {empty} tokenize to nothing")
@@ -377,7 +381,7 @@ def _group_scores(task: Task, examples: list[Example], records: list[dict]) -> d
     return {group: task.score([e for e, _ in pairs], [r for _, r in pairs])[0] for group, pairs in sorted(groups.items())}
 
 
-def _rank_candidates(model, processor, inputs: dict, examples: list[Example], class_names: list[str] | None,
+def _rank_candidates(model, processor, task: Task, inputs: dict, examples: list[Example], class_names: list[str] | None,
                      classes_per_forward: int) -> list[tuple[list[str], torch.Tensor]]:
     """
     Each sample's own class names (its `candidates`, else `class_names`) with their scores `(names,)`: the union of
@@ -385,7 +389,8 @@ def _rank_candidates(model, processor, inputs: dict, examples: list[Example], cl
     """
     names = [list(example.candidates) if example.candidates is not None else list(class_names) for example in examples]
     union = list(dict.fromkeys(name for sample_names in names for name in sample_names))
-    logprobs = rank_classes(model, inputs, _class_token_ids(processor, union), classes_per_forward)  # (B, union)
+    logprobs = rank_classes(model, inputs, _class_token_ids(processor, union, task.prompt),
+                            classes_per_forward)  # (B, union)
     column = {name: index for index, name in enumerate(union)}
     return [(sample_names, row[[column[name] for name in sample_names]]) for sample_names, row in zip(names, logprobs)]
 
@@ -398,7 +403,7 @@ def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: lis
     records = [{"id": example.id, "demos": [demo.id for demo in sample_demos]}
                for example, sample_demos in zip(examples, demos)]
     if task.ranks_classes and any(example.candidates is not None for example in examples):
-        ranked = _rank_candidates(model, processor, inputs, examples, benchmark.class_names, classes_per_forward)
+        ranked = _rank_candidates(model, processor, task, inputs, examples, benchmark.class_names, classes_per_forward)
         for record, (names, scores) in zip(records, ranked):
             top = scores.topk(min(task.top_k, len(names)))
             record["top"] = [[names[i], value] for i, value in zip(top.indices.tolist(), top.values.tolist())]

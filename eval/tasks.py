@@ -76,7 +76,7 @@ class Task:
     prompt: the template of one example (demonstrations and query alike).
     generation: `generate()` settings for open-ended tasks; None for ranking tasks, which score every class name
         (`Benchmark.class_names`, or a sample's own `Example.candidates`) by its mean per-token log-probability after
-        the prompt.
+        the prompt (OpenFlamingo's score), the name tokenized after the template's `answer_lead`.
     postprocess: generated text -> prediction.
     score: see `Scorer`.
     zero_shot_demos: how many text-only demonstrations a 0-shot prompt carries (Flamingo's protocol; only the

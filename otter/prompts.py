@@ -22,12 +22,21 @@ class PromptTemplate:
     def demo(self, **fields: str) -> str:
         return self.template.format(**fields) + END_OF_CHUNK
 
-    def query(self, **fields: str) -> str:
+    def _head(self) -> str:
         head, marker, _ = self.template.partition("{" + self.answer_field + "}")
         if not marker:
             raise ValueError(f"template {self.template!r} has no {{{self.answer_field}}} field")
+        return head
+
+    def query(self, **fields: str) -> str:
         # the space before the answer belongs to the answer's first token (" A" in BPE), as in training
-        return head.format(**fields).rstrip(" ")
+        return self._head().format(**fields).rstrip(" ")
+
+    @property
+    def answer_lead(self) -> str:
+        """What the answer starts with after `query()`: the spaces `query()` cuts (" " in OTTER_CHAT, none in VQA)."""
+        head = self._head()
+        return head[len(head.rstrip(" ")):]
 
 
 # OpenFlamingo's evaluation prompts (open_flamingo/eval/models/open_flamingo.py)

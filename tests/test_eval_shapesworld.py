@@ -1,5 +1,6 @@
 """ShapesWorld evaluation: the held-out sets are deterministic and consistent; each sample's own demonstrations make
-its prompts, which equal the training text token for token; candidates are ranked by mean log-prob; `otter eval`."""
+its prompts, which equal the training text token for token; candidates are ranked by the mean log-prob of their
+tokens in the training text; `otter eval`."""
 
 import dataclasses
 import filecmp
@@ -161,13 +162,19 @@ def test_zero_shot_prompts_hold_only_the_query(data_dir):
 
 # -- the evaluator ---------------------------------------------------------------------------------------------------
 def scores_from_scratch(model, processor, prompt, images, names):
-    """Mean log-prob of each name after one unpadded prompt: a full forward per name, no cache."""
+    """
+    Mean log-prob of each name's tokens in the training text `prompt + " " + name` (tokenized whole), after one
+    unpadded prompt: a full forward per name, no cache.
+    """
     prompt_ids = processor.tokenizer(prompt)["input_ids"]
     pixel_values = processor(text=[prompt], images=[[Image.open(path) for path in images]])["pixel_values"]
     scores = []
-    for tokens in processor.tokenizer(names, add_special_tokens=False)["input_ids"]:
+    for name in names:
+        text_ids = processor.tokenizer(prompt + " " + name)["input_ids"]
+        assert text_ids[:len(prompt_ids)] == prompt_ids
+        tokens = text_ids[len(prompt_ids):]
         with torch.no_grad():
-            logprobs = model(input_ids=torch.tensor([prompt_ids + tokens]), pixel_values=pixel_values).logits[0]
+            logprobs = model(input_ids=torch.tensor([text_ids]), pixel_values=pixel_values).logits[0]
         logprobs = logprobs.log_softmax(-1)
         positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(tokens))
         scores.append(sum(logprobs[p, t].item() for p, t in zip(positions, tokens)) / len(tokens))

@@ -19,6 +19,7 @@ def test_otter_chat_template():
     assert OTTER_CHAT.demo(instruction="What is this?", answer="A cat.") == (
         "<image>User: What is this? GPT:<answer> A cat.<|endofchunk|>")
     assert OTTER_CHAT.query(instruction="What is this?") == "<image>User: What is this? GPT:<answer>"
+    assert OTTER_CHAT.answer_lead == " " and VQA.answer_lead == CLASSIFICATION.answer_lead == ""
 
 
 def test_few_shot_prompt():
