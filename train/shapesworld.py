@@ -55,7 +55,7 @@ class Recipe:
     lm_documents: int = 12_000
     web_samples: int = 48_000
     web_shards: int = 4
-    instruction_examples: int = 16_000
+    instruction_examples: int = 38_400  # one pass of finetuning: no episode is seen twice
     eval_count: int = 200
     # CLIP: ViT 4 x 128 on 64 px, patch 8
     clip_steps: int = 1000
@@ -66,7 +66,7 @@ class Recipe:
     lm_width: int = 192
     lm_layers: int = 4
     lm_heads: int = 6
-    lm_steps: int = 600
+    lm_steps: int = 480
     lm_batch: int = 32
     lm_sequence: int = 256
     lm_lr: float = 2e-3
@@ -76,7 +76,7 @@ class Recipe:
     pretrain_steps: int = 3000
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
-    finetune_steps: int = 1200
+    finetune_steps: int = 2400
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
 
@@ -91,9 +91,10 @@ OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, 
 
 # -- text -------------------------------------------------------------------------------------------------------------
 # episode kinds (vqa, caption, comparison, binding) and VQA question kinds (VQA_KINDS order) in the training data:
-# binding and the two VQA kinds that need more than naming what is seen (position, yes/no) are drawn more often
-EPISODE_WEIGHTS = (30, 5, 20, 45)
-VQA_KIND_WEIGHTS = (1, 1, 1, 2, 3)
+# the kinds that read one image from the text after another (comparisons, binding), and yes/no and shape questions,
+# are drawn more often
+EPISODE_WEIGHTS = (25, 5, 30, 40)
+VQA_KIND_WEIGHTS = (1, 2, 1, 1, 3)
 
 
 def _turns(world: ShapesWorld, words: list[str]) -> list[dict]:
