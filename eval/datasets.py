@@ -23,9 +23,10 @@ class Example:
     name, a 0/1 label).
 
     `image` is one image path, or a tuple of paths for a turn that shows several images (its prompt shows each image
-    before its own label, in order: `otter.prompts.with_images`). `demos`, when set, are the sample's own demonstrations: a k-shot prompt uses
-    the first k of them, in order, instead of drawing from the pool. `candidates`, when set, are the class names a
-    ranking task scores for this sample (instead of `Benchmark.class_names`).
+    before its own label, in order: `otter.prompts.with_images`). `demos`, when set, are the sample's own
+    demonstrations: a k-shot prompt uses the first k of them, in order, instead of drawing from the pool.
+    `candidates`, when set, are the class names a ranking task scores for this sample (instead of
+    `Benchmark.class_names`).
     """
 
     id: Any

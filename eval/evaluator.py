@@ -381,8 +381,8 @@ def _group_scores(task: Task, examples: list[Example], records: list[dict]) -> d
     return {group: task.score([e for e, _ in pairs], [r for _, r in pairs])[0] for group, pairs in sorted(groups.items())}
 
 
-def _rank_candidates(model, processor, task: Task, inputs: dict, examples: list[Example], class_names: list[str] | None,
-                     classes_per_forward: int) -> list[tuple[list[str], torch.Tensor]]:
+def _rank_candidates(model, processor, task: Task, inputs: dict, examples: list[Example],
+                     class_names: list[str] | None, classes_per_forward: int) -> list[tuple[list[str], torch.Tensor]]:
     """
     Each sample's own class names (its `candidates`, else `class_names`) with their scores `(names,)`: the union of
     the batch's names is ranked once by `rank_classes`, and each sample keeps its own columns.

@@ -310,9 +310,9 @@ class OtterModel(OtterPreTrainedModel):
         r"""
         input_ids `(batch, text_len)` with `<image>` tokens where images go; pixel_values
         `(batch, media, frames, C, H, W)` (or 5-D for single frames), media padded with anything for samples with
-        fewer images (padded media are never attended, nor encoded: their `image_hidden_states` are zeros). `media_key_values` (from `get_media_key_values`) replaces
-        pixel_values when the images were encoded already; `media_index` (from `media_index()` on the full sequence)
-        is needed when decoding new tokens against `cache`.
+        fewer images (padded media are never attended, nor encoded: their `image_hidden_states` are zeros).
+        `media_key_values` (from `get_media_key_values`) replaces pixel_values when the images were encoded already;
+        `media_index` (from `media_index()` on the full sequence) is needed when decoding new tokens against `cache`.
         """
         image_features, outputs = self._run(
             self.language_model.base_model, input_ids, pixel_values, media_key_values, media_index, cache,

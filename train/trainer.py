@@ -139,7 +139,7 @@ class TrainingConfig:
         if self.full and self.lora:
             raise ValueError("choose full (train every parameter) or lora (adapters on the language model), not both")
         if self.freeze_vision and not self.full:
-            raise ValueError("freeze_vision applies to full training; without full the vision encoder is frozen already")
+            raise ValueError("freeze_vision applies to full training (without full the vision encoder is frozen)")
         if self.objective == PRETRAINING and self.max_steps is None:
             raise ValueError("pretraining streams webdataset shards without a known length: give max_steps")
         if self.objective == PRETRAINING and self.epochs is not None:
