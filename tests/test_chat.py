@@ -103,7 +103,8 @@ def test_chat_prompt_is_the_training_text_cut_before_the_last_answer():
     history = [ChatTurn(turn.instruction, turn.images, turn.answer) for turn in turns[:-1]]
     prompt = chat_prompt(history, turns[-1].instruction, len(turns[-1].images))
     assert prompt + " " + turns[-1].answer + END_OF_CHUNK == instruction_text(turns)
-    assert prompt == ("<image>Image 1. <image>Image 2. User: describe the image GPT:<answer> a red circle<|endofchunk|>\n"
+    assert prompt == ("<image>Image 1. <image>Image 2. "
+                      "User: describe the image GPT:<answer> a red circle<|endofchunk|>\n"
                       "User: and the colour? GPT:<answer> red<|endofchunk|>\n"
                       "<image>User: now this one GPT:<answer>")
     assert chat_prompt(history[:1], "hi", 0, chat_template("raw")).endswith("<|endofchunk|>\nUser: hi GPT:")
