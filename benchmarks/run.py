@@ -4,11 +4,14 @@ Otter against the reference implementation (open-flamingo 2.0.1), side by side i
     python benchmarks/run.py [--device cpu|cuda] [--parts generation evaluation training conversion] [--out FILE]
 
 CPU mode builds a model big enough that compute dominates overhead (ViT-B/32's tower: 12 layers of width 768; MPT 8
-layers of width 512; OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the OpenFlamingo-9B
-architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed does not depend on
-them. The reference is built around deep copies of Otter's own parts (tests/reference.py), so both compute the same
-function. Writes a Markdown table (stdout, and --out). `--tiny` runs every part on a tiny model, to check the script
-(its figures measure overhead, not the implementations).
+layers of width 512; OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the
+OpenFlamingo-9B architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed
+does not depend on them. The reference is built around deep copies of Otter's own parts (tests/reference.py), so both
+compute the same function. Decode speed is set against the memory-bandwidth bound (batch x bandwidth / weight bytes)
+and the training step's FLOPs (counted by torch's FlopCounterMode) against the matmul rate measured on the machine
+and, on a GPU whose data sheet GPU_SPECS knows (or --peak-tflops), the MFU. Writes a Markdown table (stdout, and
+--out, rewritten after each part). `--tiny` runs every part on a tiny model, to check the script (its figures measure
+overhead, not the implementations).
 """
 
 import argparse
@@ -22,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils import flop_counter
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -67,12 +72,29 @@ TINY_MODEL = dict(  # checks that the script runs; its figures are overhead
 )
 
 
+# Data-sheet figures (dense bf16 TFLOP/s, HBM TB/s) for the MFU and the decode bound; other GPUs take --peak-tflops
+# and --hbm-tbs. Checked in order: the first name contained in torch.cuda.get_device_name() wins.
+GPU_SPECS = [
+    ("H200 NVL", 835, 4.8),
+    ("H200", 989, 4.8),
+    ("H100 80GB HBM3", 989, 3.35),  # SXM
+    ("A100-SXM4-80GB", 312, 2.039),
+    ("A100-SXM4-40GB", 312, 1.555),
+]
+
+
+PARTS = ["generation", "evaluation", "training", "conversion"]
+GPU_PARTS = ["generation", "evaluation", "training"]
+
+
 def build(spec, device, dtype):
     config = OtterConfig(vision_config=spec["vision"], text_config=spec["text"],
                          cross_attn_every_n_layers=spec["cross_attn_every_n_layers"], media_token_id=MEDIA,
                          eoc_token_id=EOC, pad_token_id=PAD)
     torch.manual_seed(0)
-    model = OtterForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised where it runs: the 9B model would take minutes on the host
+        model = OtterForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
     with torch.no_grad():
         for block in model.cross_attention_blocks():  # open gates, so that the images matter
             block.attn_gate.fill_(0.5)
@@ -115,6 +137,55 @@ def median_time(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def data_sheet(device, peak_tflops=None, hbm_tbs=None):
+    """(peak FLOP/s, HBM bytes/s) from the flags, else from GPU_SPECS; None where unknown (always, on CPU)."""
+    if device == "cuda" and (peak_tflops is None or hbm_tbs is None):
+        name = torch.cuda.get_device_name()
+        known = next(((flops, bandwidth) for key, flops, bandwidth in GPU_SPECS if key in name), (None, None))
+        peak_tflops = peak_tflops if peak_tflops is not None else known[0]
+        hbm_tbs = hbm_tbs if hbm_tbs is not None else known[1]
+    return (peak_tflops * 1e12 if peak_tflops else None), (hbm_tbs * 1e12 if hbm_tbs else None)
+
+
+def measured_peaks(device, dtype):
+    """What this machine sustains: FLOP/s of a large square matmul in `dtype` and bytes/s of a large copy."""
+    size = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    flops = 2 * size**3 / median_time(lambda: a @ b, device, 5)
+    source = torch.empty(2**28 if device == "cuda" else 2**26, device=device)  # 1 GiB / 256 MiB of fp32
+    target = torch.empty_like(source)
+    bandwidth = 2 * source.numel() * source.element_size() / median_time(lambda: target.copy_(source), device, 5)
+    return {"matmul_flops_s": flops, "copy_bytes_s": bandwidth}
+
+
+def decode_weight_bytes(model):
+    """Bytes of the weights one decoding step reads: the language model with its cross-attention blocks (the
+    vision tower and perceiver run once per prompt); an untied input embedding is only gathered from, not read."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    return sum(p.numel() * p.element_size() for p in model.language_model.parameters() if tied or p is not embedding)
+
+
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def count_flops(fn):
+    """FLOPs of the matmuls, convolutions and attention `fn` runs, forward and backward (torch's FlopCounterMode,
+    taught the CPU flash-attention kernels it does not know)."""
+    aten = torch.ops.aten
+    custom = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+              aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
@@ -400,16 +471,18 @@ def train_step(which, model, reference, spec, device, dtype, repeats, batch=8, i
         base = _current_rss()
     seconds = median_time(step, device, repeats)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
-    return {"samples_s": batch / seconds, "peak_extra_bytes": peak}
+    flops = count_flops(step)  # after the timed steps: counting slows the step and keeps shapes alive
+    return {"samples_s": batch / seconds, "peak_extra_bytes": peak, "flops": flops, "flops_s": flops / seconds}
 
 
-def bench_training(device, repeats, tiny=False):
+def bench_training(device, dtype, repeats, tiny=False):
     """Each implementation in a fresh process: memory an earlier run freed (and the allocator kept) would otherwise
     make whichever runs second look smaller."""
     result = {}
     for which in ("otter", "reference"):
         finished = subprocess.run([sys.executable, __file__, "--training-worker", which, "--device", device,
-                                   "--repeats", str(repeats)] + (["--tiny"] if tiny else []),
+                                   "--dtype", str(dtype).removeprefix("torch."), "--repeats", str(repeats)]
+                                  + (["--tiny"] if tiny else []),
                                   capture_output=True, text=True, check=True)
         result[which] = json.loads(finished.stdout.strip().splitlines()[-1])
     return result
@@ -439,31 +512,46 @@ def gib(value):
     return f"{value / 2**30:.2f} GiB"
 
 
-def machine(device):
+def machine(device, peaks):
     lines = [f"- {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
              f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads"]
     if device == "cuda":
         lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+    lines.append(f"- measured here: {peaks['matmul_flops_s'] / 1e12:.3g} TFLOP/s on a large square matmul "
+                 f"({peaks['dtype']}), {peaks['copy_bytes_s'] / 1e9:.3g} GB/s copying a large tensor")
+    if peaks["peak_flops_s"] or peaks["hbm_bytes_s"]:
+        sheet = [f"{peaks['peak_flops_s'] / 1e12:.0f} TFLOP/s dense bf16" if peaks["peak_flops_s"] else None,
+                 f"{peaks['hbm_bytes_s'] / 1e12:.3g} TB/s HBM" if peaks["hbm_bytes_s"] else None]
+        lines.append("- data sheet (or --peak-tflops / --hbm-tbs): " + ", ".join(x for x in sheet if x))
     return "\n".join(lines)
 
 
 def report(results, device, spec):
-    lines = [f"## Results ({device})", "", machine(device), "",
+    peaks = results["peaks"]
+    lines = [f"## Results ({device})", "", machine(device, peaks), "",
              f"Model: ViT {spec['vision']['num_hidden_layers']} layers x {spec['vision']['hidden_size']} "
              f"({spec['vision']['image_size']} px, patch {spec['vision']['patch_size']}), MPT "
              f"{spec['text']['n_layers']} layers x {spec['text']['d_model']}, cross-attention every "
              f"{spec['cross_attn_every_n_layers']} layer(s), perceiver 6 x 8 x 64, 64 latents.", ""]
     if "generation" in results:
+        weights = results["decode_weight_bytes"]
+        bandwidth, source = ((peaks["hbm_bytes_s"], "the data sheet's HBM bandwidth") if peaks["hbm_bytes_s"] else
+                             (peaks["copy_bytes_s"], "the copy bandwidth measured here"))
         lines += ["### Generation (greedy, 32 new tokens, KV cache)", "",
-                  "| batch | images | prompt tokens | decode tok/s Otter | reference | ratio | first token Otter | reference |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| batch | images | prompt tokens | decode tok/s Otter | reference | ratio | bound | Otter / bound | "
+                  "reference / bound | first token Otter | reference |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in results["generation"]:
             ours, theirs = row["otter"], row["reference"]
+            bound = row["batch"] * bandwidth / weights
             lines.append(f"| {row['batch']} | {row['images']} | {row['prompt_tokens']} | {ours['decode_tok_s']:.1f} | "
                          f"{theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x | "
+                         f"{bound:.0f} | {ours['decode_tok_s'] / bound:.0%} | {theirs['decode_tok_s'] / bound:.0%} | "
                          f"{ours['ttft_s'] * 1000:.0f} ms | {theirs['ttft_s'] * 1000:.0f} ms |")
-        lines.append("")
+        lines += ["", f"Bound: the tokens/s at which each decoding step only reads the weights it uses once, batch x "
+                  f"bandwidth / weight bytes, with {source} and {gib(weights)} of language model and cross-attention "
+                  "weights (KV cache reads left out).", ""]
     if "evaluation" in results:
         first = results["evaluation"][0]
         lines += [f"### Few-shot evaluation ({first['shots']}-shot VQAv2, OpenFlamingo's protocol: 3 beams, 5 new "
@@ -482,12 +570,19 @@ def report(results, device, spec):
                   "is shown about as often as in a full 5000-sample run over 2048.", ""]
     if "training" in results:
         ours, theirs = results["training"]["otter"], results["training"]["reference"]
+        sheet = peaks["peak_flops_s"]
+        header = "| | samples/s | peak extra memory | FLOPs per step | TFLOP/s | of the measured matmul rate |"
         lines += ["### Training step (perceiver + cross-attention, AdamW, batch 8, 4 images per sample)", "",
-                  "| | samples/s | peak extra memory |", "|---|---|---|",
-                  f"| Otter | {ours['samples_s']:.2f} | {gib(ours['peak_extra_bytes'])} |",
-                  f"| reference | {theirs['samples_s']:.2f} | {gib(theirs['peak_extra_bytes'])} |",
-                  f"| ratio | {ours['samples_s'] / theirs['samples_s']:.2f}x | "
-                  f"{ours['peak_extra_bytes'] / max(theirs['peak_extra_bytes'], 1):.2f}x |", ""]
+                  header + (" MFU |" if sheet else ""), "|---" * (header.count("|") - 1 + bool(sheet)) + "|"]
+        for name, row in (("Otter", ours), ("reference", theirs)):
+            lines.append(f"| {name} | {row['samples_s']:.2f} | {gib(row['peak_extra_bytes'])} | {row['flops'] / 1e12:.3f} T | "
+                         f"{row['flops_s'] / 1e12:.3g} | {row['flops_s'] / peaks['matmul_flops_s']:.0%} |"
+                         + (f" {row['flops_s'] / sheet:.1%} |" if sheet else ""))
+        lines += [f"| ratio | {ours['samples_s'] / theirs['samples_s']:.2f}x | "
+                  f"{ours['peak_extra_bytes'] / max(theirs['peak_extra_bytes'], 1):.2f}x | "
+                  f"{ours['flops'] / theirs['flops']:.3f}x | | |" + (" |" if sheet else ""), "",
+                  "FLOPs: the matmuls and attention of one step, forward and backward, as torch's FlopCounterMode "
+                  "counts them" + ("; MFU against the data sheet's dense bf16 peak." if sheet else "."), ""]
     if "conversion" in results:
         row = results["conversion"]
         lines += ["### Conversion (OpenFlamingo-3B architecture, random weights, fp32)", "",
@@ -500,42 +595,62 @@ def report(results, device, spec):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--parts", nargs="+", default=["generation", "evaluation", "training", "conversion"],
-                        choices=["generation", "evaluation", "training", "conversion"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS,
+                        help="default: all on CPU; on GPU all but conversion, which runs on the host")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, to check that the script runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "otter-benchmarks")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="weights and activations of both implementations (default: float32 on CPU, bfloat16 on "
+                        "GPU)")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 TFLOP/s, for the MFU (else GPU_SPECS)")
+    parser.add_argument("--hbm-tbs", type=float, help="the GPU's memory bandwidth in TB/s, for the decode bound")
     parser.add_argument("--training-worker", choices=["otter", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = TINY_MODEL if args.tiny else GPU_MODEL if args.device == "cuda" else CPU_MODEL
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.training_worker:
         model, reference = build(spec, args.device, dtype)
         print(json.dumps(train_step(args.training_worker, model, reference, spec, args.device, dtype, args.repeats)))
         return
-    results = {}
-    if "generation" in args.parts:
-        model, reference = build(spec, args.device, dtype)
-        results["generation"] = bench_generation(model, reference, spec, args.device, dtype, args.repeats)
-        del model, reference
-    if "evaluation" in args.parts:
-        model, reference = build(spec, args.device, dtype)
-        results["evaluation"] = bench_evaluation(model, reference, spec, args.device, dtype, args.repeats)
-        del model, reference
-    if "training" in args.parts:
-        results["training"] = bench_training(args.device, args.repeats, args.tiny)
-    if "conversion" in args.parts:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        results["conversion"] = bench_conversion(args.workdir)
-    table = report(results, args.device, spec)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    peak_flops, hbm = data_sheet(args.device, args.peak_tflops, args.hbm_tbs)
+    results = {"peaks": {**measured_peaks(args.device, dtype), "dtype": str(dtype).removeprefix("torch."),
+                         "peak_flops_s": peak_flops, "hbm_bytes_s": hbm}}
 
+    def generation():
+        model, reference = build(spec, args.device, dtype)
+        results["decode_weight_bytes"] = decode_weight_bytes(model)
+        return bench_generation(model, reference, spec, args.device, dtype, args.repeats)
+
+    def evaluation():
+        model, reference = build(spec, args.device, dtype)
+        return bench_evaluation(model, reference, spec, args.device, dtype, args.repeats)
+
+    def conversion():
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return bench_conversion(args.workdir)
+
+    parts = {"generation": generation, "evaluation": evaluation, "conversion": conversion,
+             "training": lambda: bench_training(args.device, dtype, args.repeats, args.tiny)}
+    failed = []
+    for name in args.parts or (GPU_PARTS if args.device == "cuda" else PARTS):
+        # one part failing (a GPU run is one shot) leaves the others' figures, written after each part
+        try:
+            results[name] = parts[name]()
+        except Exception as error:  # reported, and the exit status says so
+            detail = error.stderr if isinstance(error, subprocess.CalledProcessError) else ""
+            print(f"benchmark part {name!r} failed:\n{traceback.format_exc()}{detail}", file=sys.stderr)
+            failed.append(name)
+        table = report(results, args.device, spec)
+        if args.out:
+            args.out.write_text(table + "\n")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    print(table)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 if __name__ == "__main__":
     main()
