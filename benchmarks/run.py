@@ -512,8 +512,15 @@ def gib(value):
     return f"{value / 2**30:.2f} GiB"
 
 
+def cpu_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
+    name = found.group(1).strip() if found else platform.processor()
+    return f"{name} ({platform.machine()})" if name else platform.machine()
+
+
 def machine(device, peaks):
-    lines = [f"- {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+    lines = [f"- {cpu_name()}, {os.cpu_count()} CPU cores, "
              f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads"]
     if device == "cuda":
