@@ -472,7 +472,25 @@ def train_step(which, model, reference, spec, device, dtype, repeats, batch=8, i
     seconds = median_time(step, device, repeats)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
     flops = count_flops(step)  # after the timed steps: counting slows the step and keeps shapes alive
-    return {"samples_s": batch / seconds, "peak_extra_bytes": peak, "flops": flops, "flops_s": flops / seconds}
+    return {"samples_s": batch / seconds, "peak_extra_bytes": peak, "flops": flops, "flops_s": flops / seconds,
+            "saved_bytes": saved_for_backward_bytes(step, net)}
+
+
+def saved_for_backward_bytes(fn, net):
+    """Bytes of the distinct tensors (parameters aside) autograd keeps from the forward pass for the backward one: the
+    activation memory of a step, exact where a peak RSS depends on the allocator."""
+    parameters = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved.values())
 
 
 def bench_training(device, dtype, repeats, tiny=False):
@@ -578,16 +596,22 @@ def report(results, device, spec):
     if "training" in results:
         ours, theirs = results["training"]["otter"], results["training"]["reference"]
         sheet = peaks["peak_flops_s"]
-        header = "| | samples/s | peak extra memory | FLOPs per step | TFLOP/s | of the measured matmul rate |"
+        header = ("| | samples/s | peak extra memory | saved for backward | FLOPs per step | TFLOP/s | "
+                  "of the measured matmul rate |")
         lines += ["### Training step (perceiver + cross-attention, AdamW, batch 8, 4 images per sample)", "",
                   header + (" MFU |" if sheet else ""), "|---" * (header.count("|") - 1 + bool(sheet)) + "|"]
         for name, row in (("Otter", ours), ("reference", theirs)):
-            lines.append(f"| {name} | {row['samples_s']:.2f} | {gib(row['peak_extra_bytes'])} | {row['flops'] / 1e12:.3f} T | "
+            lines.append(f"| {name} | {row['samples_s']:.2f} | {gib(row['peak_extra_bytes'])} | "
+                         f"{gib(row['saved_bytes'])} | {row['flops'] / 1e12:.3f} T | "
                          f"{row['flops_s'] / 1e12:.3g} | {row['flops_s'] / peaks['matmul_flops_s']:.0%} |"
                          + (f" {row['flops_s'] / sheet:.1%} |" if sheet else ""))
         lines += [f"| ratio | {ours['samples_s'] / theirs['samples_s']:.2f}x | "
                   f"{ours['peak_extra_bytes'] / max(theirs['peak_extra_bytes'], 1):.2f}x | "
-                  f"{ours['flops'] / theirs['flops']:.3f}x | | |" + (" |" if sheet else ""), "",
+                  f"{ours['saved_bytes'] / theirs['saved_bytes']:.2f}x | {ours['flops'] / theirs['flops']:.3f}x | | |"
+                  + (" |" if sheet else ""), "",
+                  "Peak extra memory: above what the process held before the timed steps (" +
+                  ("`torch.cuda.max_memory_allocated`" if device == "cuda" else "peak RSS, which the allocator sways") +
+                  "). Saved for backward: the distinct activation tensors autograd keeps for the backward pass. "
                   "FLOPs: the matmuls and attention of one step, forward and backward, as torch's FlopCounterMode "
                   "counts them" + ("; MFU against the data sheet's dense bf16 peak." if sheet else "."), ""]
     if "conversion" in results:

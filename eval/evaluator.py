@@ -11,7 +11,8 @@ import os
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -61,15 +62,49 @@ class ImageFeatureCache:
             self.features[key] = features.clone()  # not a view that would keep its whole batch alive
 
 
+def _pixel_values(image_processor, image) -> torch.Tensor:
+    """One image (a path or a PIL image), loaded and preprocessed: `(C, H, W)`."""
+    return image_processor([load_image(image)], return_tensors="pt")["pixel_values"][0]
+
+
+class ImagePrefetcher:
+    """
+    Loads and preprocesses the images of the next batch in background threads while the model runs the current one
+    (decoding and resizing release the GIL). On a GPU, an evaluation that loads its images between batches spends
+    most of its time there.
+    """
+
+    def __init__(self, image_processor, workers: int | None = None):
+        self.image_processor = image_processor
+        self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="otter-images")
+
+    def submit(self, images: Iterable, skip=lambda key: False) -> dict:
+        """Start on each distinct image (by `_image_key`) that `skip(key)` does not rule out: key -> Future of its
+        pixel values."""
+        futures = {}
+        for image in images:
+            key = _image_key(image)
+            if key not in futures and not skip(key):
+                futures[key] = self.pool.submit(_pixel_values, self.image_processor, image)
+        return futures
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @torch.no_grad()
 def encode_batch(model, processor, texts: list[str], images: list[list],
-                 cache: ImageFeatureCache | None = None) -> dict:
+                 cache: ImageFeatureCache | None = None, pixels: Mapping[object, Future] | None = None) -> dict:
     """
     Left-padded `input_ids`, `attention_mask` `(B, T)` and the cross-attention `media_key_values`
     `(B, blocks, media * latents, 2 * heads * dim_head)` of a batch. `images[b]` are the images (paths or PIL images)
     of sample b in `<image>` order, with the same count for every sample. Each distinct image of the batch (by path,
     or by object for PIL images) runs through the vision tower and perceiver once, however many samples show it, and
-    not at all when `cache` holds its latents from an earlier batch.
+    not at all when `cache` holds its latents from an earlier batch. `pixels` (from `ImagePrefetcher.submit`) holds
+    images already being loaded; the others are loaded here.
     """
     counts = {len(sample) for sample in images}
     if len(counts) != 1:
@@ -86,8 +121,9 @@ def encode_batch(model, processor, texts: list[str], images: list[list],
     known = {key: features for key, features in known.items() if features is not None}
     new = [key for key in unique if key not in known]
     if new:
-        pixel_values = processor.image_processor([load_image(unique[key]) for key in new],
-                                                 return_tensors="pt")["pixel_values"]  # (N, C, H, W)
+        pixels = pixels or {}
+        pixel_values = torch.stack([pixels[key].result() if key in pixels else
+                                    _pixel_values(processor.image_processor, unique[key]) for key in new])  # (N, C, H, W)
         encoded = model.get_image_features(pixel_values[:, None, None].to(model.device))[:, 0]  # (N, latents, dim)
         known.update(zip(new, encoded))
     features = torch.stack([known[key] for key in unique])  # (U, latents, dim)
@@ -309,7 +345,8 @@ def evaluate(
         class_token_ids = _class_token_ids(processor, benchmark.class_names, task.prompt)
 
     results = []
-    with open(out.with_suffix(".samples.jsonl"), "a", encoding="utf-8") as log:
+    with (open(out.with_suffix(".samples.jsonl"), "a", encoding="utf-8") as log,
+          ImagePrefetcher(processor.image_processor) as prefetcher):
         for num_shots in shots:
             demos_per_sample = num_shots or task.zero_shot_demos
             trial_results = []
@@ -325,10 +362,18 @@ def evaluate(
                 cache = ImageFeatureCache(image for _, images in prompts.values() for image in images)
                 progress = tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
                                 desc=f"{task.name} {num_shots}-shot trial {trial}")
-                for start in range(0, len(todo), batch_size):
-                    indices = todo[start:start + batch_size]
+                batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+                upcoming = None
+                for position, indices in enumerate(batches):
+                    # this batch's images were started on while the previous batch ran; start on the next one's,
+                    # but for those this batch shows (it caches them when they are shown again) or the cache holds
+                    current = (upcoming if upcoming is not None else
+                               prefetcher.submit(image for i in indices for image in prompts[i][1]))
+                    upcoming = None if position + 1 == len(batches) else prefetcher.submit(
+                        (image for i in batches[position + 1] for image in prompts[i][1]),
+                        skip=lambda key: key in current or cache.get(key) is not None)
                     records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
-                                         [demos[i] for i in indices], [prompts[i] for i in indices], cache,
+                                         [demos[i] for i in indices], [prompts[i] for i in indices], cache, current,
                                          class_token_ids, classes_per_forward)
                     for record in records:
                         record.update(shots=num_shots, trial=trial)
@@ -396,10 +441,11 @@ def _rank_candidates(model, processor, task: Task, inputs: dict, examples: list[
 
 
 def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: list[Example], demos: list[list[Example]],
-               prompts: list[tuple[str, list]], cache: ImageFeatureCache, class_token_ids,
-               classes_per_forward: int) -> list[dict]:
+               prompts: list[tuple[str, list]], cache: ImageFeatureCache, pixels: Mapping[object, Future],
+               class_token_ids, classes_per_forward: int) -> list[dict]:
     """Per-sample records of one batch (prompts from `build_prompt`): id, demonstration ids, the output, the prediction."""
-    inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts], cache)
+    inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts], cache,
+                          pixels)
     records = [{"id": example.id, "demos": [demo.id for demo in sample_demos]}
                for example, sample_demos in zip(examples, demos)]
     if task.ranks_classes and any(example.candidates is not None for example in examples):

@@ -141,3 +141,61 @@ def test_images_shown_again_by_later_batches_are_encoded_once_per_pass(tmp_path,
                                                                    for demo in demos}
     assert cached == uncached
     assert cached_images == len(shown) < uncached_images
+
+
+def test_images_are_loaded_ahead_in_background_threads_once_per_pass(tmp_path, monkeypatch):
+    """Every image an evaluation shows is loaded and preprocessed once, by the prefetching threads while the model
+    runs, never by the loop itself; the outputs are those of loading each batch's images in the loop."""
+    import threading
+    from collections import Counter
+
+    from otter.eval import evaluate, get_task
+    from otter.eval import evaluator
+    from otter.tiny import build_tiny_otter
+
+    from .eval_fixtures import make_vqa
+
+    model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
+    set_gates(model)
+    model.eval()
+    data_dir = make_vqa(tmp_path / "data", "vqav2", num_pool=3, num_test=6)
+    loads, threads = Counter(), set()
+    load = evaluator._pixel_values
+
+    def counted(image_processor, image):
+        loads[str(image)] += 1
+        threads.add(threading.current_thread().name)
+        return load(image_processor, image)
+
+    monkeypatch.setattr(evaluator, "_pixel_values", counted)
+    report = evaluate(model, processor, "vqav2", data_dir, tmp_path / "ahead.json", shots=[2], batch_size=2)
+    predictions = report["results"][0]["trials"][0]["predictions"]
+    benchmark = get_task("vqav2").load(data_dir)
+    pool_images = {example.id: str(example.image) for example in benchmark.pool}
+    shown = {str(example.image) for example in benchmark.test} | {pool_images[demo] for p in predictions
+                                                                   for demo in p["demos"]}
+    assert set(loads) == shown and set(loads.values()) == {1}
+    assert threads and all(name.startswith("otter-images") for name in threads)
+
+    monkeypatch.setattr(evaluator.ImagePrefetcher, "submit", lambda self, images, skip=None: {})  # load in the loop
+    inline = evaluate(model, processor, "vqav2", data_dir, tmp_path / "inline.json", shots=[2], batch_size=2)
+    assert [p["output"] for p in inline["results"][0]["trials"][0]["predictions"]] == [p["output"] for p in predictions]
+
+
+def test_an_unreadable_image_in_a_later_batch_is_named_and_earlier_results_are_kept(tmp_path):
+    import json
+
+    from otter.eval import evaluate
+    from otter.tiny import build_tiny_otter
+
+    from .eval_fixtures import make_vqa
+
+    model, processor = build_tiny_otter("gpt_neox", cross_attn_every_n_layers=2)
+    model.eval()
+    data_dir = make_vqa(tmp_path / "data", "vqav2", num_pool=3, num_test=6)
+    last = sorted((data_dir / "val2014").iterdir())[-1]  # the query image of the last batch
+    last.write_bytes(b"not an image")
+    with pytest.raises(Exception, match=last.name):
+        evaluate(model, processor, "vqav2", data_dir, tmp_path / "out.json", shots=[0], batch_size=2)
+    logged = [json.loads(line) for line in (tmp_path / "out.samples.jsonl").read_text().splitlines()]
+    assert len([record for record in logged if "id" in record]) == 4  # the first two batches' samples
