@@ -683,5 +683,6 @@ def main():
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
+
 if __name__ == "__main__":
     main()

@@ -122,8 +122,8 @@ def encode_batch(model, processor, texts: list[str], images: list[list],
     new = [key for key in unique if key not in known]
     if new:
         pixels = pixels or {}
-        pixel_values = torch.stack([pixels[key].result() if key in pixels else
-                                    _pixel_values(processor.image_processor, unique[key]) for key in new])  # (N, C, H, W)
+        pixel_values = torch.stack([pixels[key].result() if key in pixels else  # (N, C, H, W)
+                                    _pixel_values(processor.image_processor, unique[key]) for key in new])
         encoded = model.get_image_features(pixel_values[:, None, None].to(model.device))[:, 0]  # (N, latents, dim)
         known.update(zip(new, encoded))
     features = torch.stack([known[key] for key in unique])  # (U, latents, dim)

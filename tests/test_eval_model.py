@@ -1,5 +1,6 @@
 """The evaluator's model calls: class ranking on a reused KV cache equals scoring each class from scratch; demo images
-shared by a batch, or shown again by later batches, are encoded once; batched generation equals the processor's path."""
+shared by a batch, or shown again by later batches, are encoded once, and loaded once, ahead, in background threads;
+batched generation equals the processor's path."""
 
 import pytest
 import torch
@@ -149,8 +150,7 @@ def test_images_are_loaded_ahead_in_background_threads_once_per_pass(tmp_path, m
     import threading
     from collections import Counter
 
-    from otter.eval import evaluate, get_task
-    from otter.eval import evaluator
+    from otter.eval import evaluate, evaluator, get_task
     from otter.tiny import build_tiny_otter
 
     from .eval_fixtures import make_vqa
@@ -185,6 +185,8 @@ def test_images_are_loaded_ahead_in_background_threads_once_per_pass(tmp_path, m
 def test_an_unreadable_image_in_a_later_batch_is_named_and_earlier_results_are_kept(tmp_path):
     import json
 
+    from PIL import UnidentifiedImageError
+
     from otter.eval import evaluate
     from otter.tiny import build_tiny_otter
 
@@ -195,7 +197,7 @@ def test_an_unreadable_image_in_a_later_batch_is_named_and_earlier_results_are_k
     data_dir = make_vqa(tmp_path / "data", "vqav2", num_pool=3, num_test=6)
     last = sorted((data_dir / "val2014").iterdir())[-1]  # the query image of the last batch
     last.write_bytes(b"not an image")
-    with pytest.raises(Exception, match=last.name):
+    with pytest.raises(UnidentifiedImageError, match=last.name):
         evaluate(model, processor, "vqav2", data_dir, tmp_path / "out.json", shots=[0], batch_size=2)
     logged = [json.loads(line) for line in (tmp_path / "out.samples.jsonl").read_text().splitlines()]
     assert len([record for record in logged if "id" in record]) == 4  # the first two batches' samples
