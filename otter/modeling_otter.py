@@ -406,8 +406,9 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
     def _prompt_copies(self, input_ids, attention_mask, kwargs) -> int:
         """
         How many rows `generate()` will make of each prompt (beams, returned sequences) when their prompt can run once
-        and its cache be shared: cached decoding, no cache or embeddings given, no outputs asked of every prompt
-        position, and a mask given or no padding to infer one from. 1 when the prompt should run as usual.
+        and its cache be shared: cached decoding, no cache, cache implementation or embeddings given, no outputs asked
+        of every prompt position, and a mask given or no padding to infer one from. 1 when the prompt should run as
+        usual.
         """
         config = kwargs.get("generation_config") or self.generation_config
         setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
@@ -415,9 +416,8 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         pad = setting("pad_token_id")
         if (copies == 1 or not setting("use_cache") or input_ids is None or input_ids.shape[1] < 2
                 or any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "inputs_embeds",
-                                                                 "assistant_model", "prefill_chunk_size"))
-                or getattr(config, "cache_implementation", None) is not None
-                or getattr(config, "prefill_chunk_size", None) is not None
+                                                                 "assistant_model"))
+                or setting("cache_implementation") is not None or setting("prefill_chunk_size") is not None
                 or any(setting(name) for name in self._OUTPUTS_OF_EVERY_PROMPT_POSITION)
                 or (attention_mask is None and pad is not None and bool((input_ids == pad).any()))):
             return 1

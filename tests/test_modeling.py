@@ -215,6 +215,16 @@ def test_beams_share_one_run_of_the_prompt(tiny, images, settings, monkeypatch):
         assert (ours[finite] - theirs[finite]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("settings", [dict(num_beams=1), dict(num_beams=3, length_penalty=0.0)])
+def test_a_static_cache_decodes_as_the_default_cache(tiny, images, settings):
+    """`cache_implementation="static"` (what torch.compile'd decoding needs) gives the same tokens, beams included."""
+    model, processor = tiny
+    batch = two_sample_batch(processor, images)
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, **settings)
+    assert torch.equal(model.generate(**batch, cache_implementation="static", **settings),
+                       model.generate(**batch, **settings))
+
+
 def test_cached_uncached_and_manual_greedy_decoding_agree(tiny, images):
     model, processor = tiny
     batch = two_sample_batch(processor, images)
