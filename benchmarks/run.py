@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from contextlib import redirect_stdout
@@ -552,6 +553,13 @@ def machine(device, peaks):
     return "\n".join(lines)
 
 
+def _wrap(line, width=120):
+    """Prose lines of the report wrapped at `width`; table rows left whole."""
+    if line.startswith("|"):
+        return line
+    return textwrap.fill(line, width, subsequent_indent="  " if line.startswith("- ") else "")
+
+
 def report(results, device, spec):
     peaks = results["peaks"]
     lines = [f"## Results ({device})", "", machine(device, peaks), "",
@@ -620,7 +628,7 @@ def report(results, device, spec):
                   "| wall time | peak RSS | converted model | peak RSS / model |", "|---|---|---|---|",
                   f"| {row['wall_s']:.1f} s | {gib(row['peak_rss_bytes'])} | {gib(row['output_bytes'])} | "
                   f"{row['peak_rss_bytes'] / row['output_bytes']:.2f} |", ""]
-    return "\n".join(lines)
+    return "\n".join(_wrap(line) for line in "\n".join(lines).split("\n"))
 
 
 def main():
