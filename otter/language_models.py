@@ -8,6 +8,7 @@ hidden states as their first argument. Other families work by naming that list i
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.mpt.modeling_mpt import MptAttention, MptForCausalLM
@@ -54,7 +55,75 @@ def set_decoder_layers(language_model: nn.Module, path: str, layers: nn.ModuleLi
     setattr(parent, name, layers)
 
 
-class MptAttentionWithQKLayerNorm(MptAttention):
+class MptSdpaAttention(MptAttention):
+    """
+    `MptAttention` through torch's `scaled_dot_product_attention`: the same function, with ALiBi and the causal /
+    padding mask as one additive bias, built once per forward and shared by every layer. transformers' MPT has only
+    the eager attention, which keeps `(batch, heads, query, key)` scores and probabilities in fp32 in every layer for
+    the backward pass: what makes fine-tuning on long sequences run out of memory.
+
+    `eager = True` runs transformers' own attention: the Otter model sets it for a forward call that asks for
+    `output_attentions`, or when the model was loaded with `attn_implementation="eager"`.
+    """
+
+    eager = False
+
+    def forward(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+        if self.eager:
+            return super().forward(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
+        batch, length = hidden_states.shape[:2]
+        qkv = self.Wqkv(hidden_states)
+        if self.clip_qkv:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        query, key, value = (t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+                             for t in qkv.chunk(3, dim=2))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        bias, attending = _attention_bias(position_bias, attention_mask, key.shape[-2], query.dtype)
+        if attending is not None:
+            query = query * attending
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.softmax_scale,
+                                             dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
+
+
+def _attention_bias(position_bias, attention_mask, key_length, dtype):
+    """
+    What `MptAttention` adds to the scores: the last `key_length` ALiBi columns, and the dtype's minimum where the
+    boolean `attention_mask` is True (masked); and `attending`, `(batch, 1, query, 1)`, 0 for the queries masked from
+    every key (left padding), 1 for the others.
+
+    `MptAttention` gives a query masked from every key equal scores, so it reads all values alike, and no gradient
+    reaches its query or the keys. Here its bias row is 0 and the query is multiplied by `attending`: the same output
+    and gradients. (With a row of minimums instead, the fused kernels' backward pass is wrong for that row.)
+
+    Both are kept on the mask, which transformers builds once per forward and hands every layer, so that the layers
+    share one tensor (also in what autograd saves for backward).
+    """
+    if attention_mask is None:
+        if position_bias is None:
+            return None, None
+    else:
+        cached = getattr(attention_mask, "_otter_attention_bias", None)
+        if cached is not None and cached[0] is position_bias and cached[1] == (key_length, dtype):
+            return cached[2]
+    bias = None
+    if position_bias is not None:
+        if position_bias.ndim != 3:
+            raise ValueError(f"Expecting position_bias shape to be 3 dimensions, got {position_bias.ndim}")
+        bias = position_bias[:, :, max(0, position_bias.size(2) - key_length):].to(dtype)
+    if attention_mask is None:
+        return bias, None
+    unattended = attention_mask.all(dim=-1, keepdim=True)
+    bias = torch.where(attention_mask, torch.finfo(dtype).min, 0.0 if bias is None else bias)
+    bias = bias.masked_fill(unattended, 0.0).to(dtype)
+    result = bias, (~unattended).to(dtype)
+    if not torch.compiler.is_compiling():  # a compiled graph computes it once anyway
+        attention_mask._otter_attention_bias = (position_bias, (key_length, dtype), result)
+    return result
+
+
+class MptAttentionWithQKLayerNorm(MptSdpaAttention):
     """
     `MptAttention` plus QK LayerNorm (`attn_config.qk_ln`), which transformers' MPT reads from its config but does not
     implement. As in mosaic_gpt (MPT-1B-RedPajama) and llm-foundry: LayerNorms over d_model (`q_ln`, `k_ln`, no bias,
@@ -84,6 +153,22 @@ class MptForCausalLMWithQKLayerNorm(MptForCausalLM):
         for index, block in enumerate(self.transformer.blocks):
             block.attn = MptAttentionWithQKLayerNorm(config, layer_idx=index)
         self.post_init()
+
+
+def sdpa_attentions(language_model: nn.Module, eager: bool = False) -> list[MptSdpaAttention]:
+    """
+    Every `MptSdpaAttention` of `language_model`, transformers' `MptAttention`s turned into one in place (same
+    weights, same function); `eager` sets whether they run transformers' eager attention. Empty for other families,
+    whose own attention implementations transformers selects.
+    """
+    attentions = []
+    for module in language_model.modules():
+        if type(module) is MptAttention:
+            module.__class__ = MptSdpaAttention
+        if isinstance(module, MptSdpaAttention):
+            module.eager = eager
+            attentions.append(module)
+    return attentions
 
 
 def needs_qk_layernorm(config: PretrainedConfig) -> bool:

@@ -20,6 +20,7 @@ from .language_models import (
     decoder_layers_path,
     get_decoder_layers,
     needs_qk_layernorm,
+    sdpa_attentions,
     set_decoder_layers,
 )
 from .perceiver import PerceiverResampler
@@ -126,6 +127,8 @@ class OtterModel(OtterPreTrainedModel):
         )
         set_decoder_layers(language_model, self._decoder_layers_path, wrapped)
         self.language_model = language_model
+        self._eager_attention = config._attn_implementation == "eager"
+        self._sdpa_attentions = sdpa_attentions(language_model, eager=self._eager_attention)
         # one source of truth: the sub-configs are the parts' own (attention implementation, resized vocab, ...)
         config.vision_config = self.vision_model.config
         config.text_config = language_model.config
@@ -291,9 +294,27 @@ class OtterModel(OtterPreTrainedModel):
         full_sequences = media_index is None and (cache is None or cache.get_seq_length() == 0)
         image_features, media_key_values = self._media_key_values_for(
             pixel_values, media_key_values, input_ids if full_sequences else None)
-        with self._conditioned_on(input_ids, media_key_values, media_index, cache):
+        output_attentions = kwargs.get("output_attentions")
+        if output_attentions is None:
+            output_attentions = self.language_model.config.output_attentions
+        with self._conditioned_on(input_ids, media_key_values, media_index, cache), \
+                self._eager_language_model_attention(output_attentions):
             outputs = language_model(input_ids=input_ids, cache=cache, **kwargs)
         return image_features, outputs
+
+    @contextmanager
+    def _eager_language_model_attention(self, eager: bool):
+        """For one call, MPT's attention runs transformers' eager code, which returns the attention weights."""
+        if not eager or self._eager_attention:
+            yield
+            return
+        for attention in self._sdpa_attentions:
+            attention.eager = True
+        try:
+            yield
+        finally:
+            for attention in self._sdpa_attentions:
+                attention.eager = False
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

@@ -15,7 +15,7 @@ flamingo_module = pytest.importorskip("open_flamingo.src.flamingo", reason="pip 
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
-from otter.language_models import get_decoder_layers, set_decoder_layers  # noqa: E402
+from otter.language_models import get_decoder_layers, sdpa_attentions, set_decoder_layers  # noqa: E402
 
 
 class ClipTokens(nn.Module):
@@ -44,11 +44,15 @@ class FlamingoLMForTransformers5(FlamingoLMMixin):
 
 
 def unwrapped_language_model(model):
-    """A deep copy of the Otter model's LM with its original decoder layers back in place."""
+    """
+    A deep copy of the Otter model's LM with its original decoder layers back in place, and MPT's attention back to
+    transformers' eager code, what OpenFlamingo runs.
+    """
     language_model = copy.deepcopy(model.language_model)
     path = model._decoder_layers_path
     layers = get_decoder_layers(language_model, path)
     set_decoder_layers(language_model, path, nn.ModuleList(layer.decoder_layer for layer in layers))
+    sdpa_attentions(language_model, eager=True)
     return language_model
 
 

@@ -431,3 +431,75 @@ def test_a_generated_image_token_keeps_reading_the_prompts_last_image(tiny, imag
                        pixel_values=batch["pixel_values"], media_index=media_index).logits[:, -1]
     assert out.logits[2].isfinite().all()
     assert torch.allclose(logits, out.logits[2], atol=1e-4)
+
+
+def _saved_for_backward(step):
+    """The sizes in bytes of the distinct storages autograd keeps for the backward pass of `step()`."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return list(saved.values())
+
+
+def test_mpt_attention_is_fused_and_its_memory_does_not_grow_with_the_square_of_the_length(images, tmp_path):
+    """
+    MPT's attention runs through scaled_dot_product_attention: on a long left-padded batch it gives transformers'
+    eager attention's (attn_implementation="eager") loss and gradients, without keeping a (batch, heads, length,
+    length) attention matrix per layer for the backward pass.
+    """
+    model, processor = otter.tiny.build_tiny_otter("mpt", cross_attn_every_n_layers=2)
+    set_gates(model)
+    model.save_pretrained(tmp_path)
+    eager = OtterForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    long_text = " ".join(["a photo of a red circle next to a blue square"] * 12)
+    batch = processor(text=[f"<image>{long_text}", f"<image>{long_text[:200]}"], images=[images[:1], images[1:2]])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    results = []
+    for net in (model, eager):
+        net.train()
+        net.freeze_backbones()
+        net.zero_grad()
+        loss = []
+        saved = _saved_for_backward(lambda: loss.append(net(**batch, labels=labels).loss))
+        loss[0].backward()
+        grads = {name: p.grad for name, p in net.named_parameters() if p.requires_grad}
+        results.append((loss[0].item(), grads, saved))
+    (loss, grads, saved), (eager_loss, eager_grads, eager_saved) = results
+    assert loss == pytest.approx(eager_loss, abs=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    batch_size, length = batch["input_ids"].shape
+    assert length > 300
+    attention_matrix = batch_size * model.config.text_config.n_heads * length * length * 4  # fp32
+
+    def matrices(sizes):
+        return sum(size >= attention_matrix for size in sizes)
+
+    # the backward pass runs through the layers from the first cross-attention block (the second layer) on
+    assert matrices(eager_saved) == 3
+    assert matrices(saved) == 1  # the ALiBi + mask bias, shared by all layers
+    assert sum(saved) < sum(eager_saved)
+
+
+def test_mpt_output_attentions_returns_the_attention_weights(images):
+    model, processor = otter.tiny.build_tiny_otter("mpt", cross_attn_every_n_layers=2)
+    set_gates(model)
+    model.eval()
+    batch = two_sample_batch(processor, images)
+    with torch.no_grad():
+        plain = model(**batch)
+        with_weights = model(**batch, output_attentions=True)
+        again = model(**batch)
+    assert plain.attentions is None and again.attentions is None
+    torch.testing.assert_close(with_weights.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.logits, plain.logits, rtol=0, atol=0)
+    batch_size, length = batch["input_ids"].shape
+    assert len(with_weights.attentions) == model.config.text_config.n_layers
+    for weights in with_weights.attentions:
+        assert weights.shape == (batch_size, model.config.text_config.n_heads, length, length)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
