@@ -6,8 +6,9 @@ Otter against the reference implementation (open-flamingo 2.0.1), side by side i
 CPU mode builds a model big enough that compute dominates overhead (ViT-B/32's tower: 12 layers of width 768; MPT 8
 layers of width 512; OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the
 OpenFlamingo-9B architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed
-does not depend on them. The reference is built around deep copies of Otter's own parts (tests/reference.py), so both
-compute the same function. Decode speed is set against the memory-bandwidth bound (batch x bandwidth / weight bytes)
+does not depend on them. The reference is built around deep copies of Otter's own parts (tests/reference.py; its MPT
+runs transformers' eager attention, as OpenFlamingo does), so both compute the same function. The training step runs
+on three prompt shapes (TRAINING_PROMPTS), from short chunks to a long instruction context. Decode speed is set against the memory-bandwidth bound (batch x bandwidth / weight bytes)
 and the training step's FLOPs (counted by torch's FlopCounterMode) against the matmul rate measured on the machine
 and, on a GPU whose data sheet GPU_SPECS knows (or --peak-tflops), the MFU. Writes a Markdown table (stdout, and
 --out, rewritten after each part). `--tiny` runs every part on a tiny model, to check the script (its figures measure
@@ -83,6 +84,15 @@ GPU_SPECS = [
     ("A100-SXM4-40GB", 312, 1.555),
 ]
 
+
+# Training prompts, each `images` chunks `<image> ...shot_tokens... <|endofchunk|>` and a last `<image>
+# ...query_tokens...`: short chunks; MMC4 documents as OpenFlamingo trains on them (6 images, 256 tokens); a long
+# instruction context (in-context examples before the query, MIMIC-IT style), where the language model dominates.
+TRAINING_PROMPTS = {
+    "short": dict(label="short chunks", images=4, shot_tokens=14, query_tokens=10),
+    "mmc4": dict(label="MMC4 (OpenFlamingo's)", images=6, shot_tokens=41, query_tokens=40),
+    "long": dict(label="long instruction context", images=4, shot_tokens=126, query_tokens=127),
+}
 
 PARTS = ["generation", "evaluation", "training", "conversion"]
 GPU_PARTS = ["generation", "evaluation", "training"]
@@ -437,13 +447,15 @@ def _current_rss():
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def train_step(which, model, reference, spec, device, dtype, repeats, batch=8, images=4):
+def train_step(which, model, reference, spec, device, dtype, repeats, prompt_name, batch=8):
     """
-    One perceiver + cross-attention AdamW step (forward, backward, update) at batch 8 for `which` implementation:
-    samples/s and the peak memory above what the process held before the timed steps.
+    One perceiver + cross-attention AdamW step (forward, backward, update) at batch 8 on `TRAINING_PROMPTS[prompt_name]`
+    for `which` implementation: samples/s and the peak memory above what the process held before the timed steps.
     """
-    input_ids, mask = prompt(batch, images, device, seed=3)
-    vision = pixels(batch, images, spec["vision"]["image_size"], device, dtype)
+    shape = TRAINING_PROMPTS[prompt_name]
+    input_ids, mask = prompt(batch, shape["images"], device, seed=3, shot_tokens=shape["shot_tokens"],
+                             query_tokens=shape["query_tokens"])
+    vision = pixels(batch, shape["images"], spec["vision"]["image_size"], device, dtype)
     labels = input_ids.clone()
     net = model if which == "otter" else reference
     net.train()
@@ -474,7 +486,8 @@ def train_step(which, model, reference, spec, device, dtype, repeats, batch=8, i
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
     flops = count_flops(step)  # after the timed steps: counting slows the step and keeps shapes alive
     return {"samples_s": batch / seconds, "peak_extra_bytes": peak, "flops": flops, "flops_s": flops / seconds,
-            "saved_bytes": saved_for_backward_bytes(step, net)}
+            "saved_bytes": saved_for_backward_bytes(step, net), "images": shape["images"],
+            "tokens": input_ids.shape[1]}
 
 
 def saved_for_backward_bytes(fn, net):
@@ -497,14 +510,17 @@ def saved_for_backward_bytes(fn, net):
 def bench_training(device, dtype, repeats, tiny=False):
     """Each implementation in a fresh process: memory an earlier run freed (and the allocator kept) would otherwise
     make whichever runs second look smaller."""
-    result = {}
-    for which in ("otter", "reference"):
-        finished = subprocess.run([sys.executable, __file__, "--training-worker", which, "--device", device,
-                                   "--dtype", str(dtype).removeprefix("torch."), "--repeats", str(repeats)]
-                                  + (["--tiny"] if tiny else []),
-                                  capture_output=True, text=True, check=True)
-        result[which] = json.loads(finished.stdout.strip().splitlines()[-1])
-    return result
+    rows = []
+    for name in TRAINING_PROMPTS:
+        row = {"prompt": name}
+        for which in ("otter", "reference"):
+            finished = subprocess.run([sys.executable, __file__, "--training-worker", which, "--training-prompt", name,
+                                       "--device", device, "--dtype", str(dtype).removeprefix("torch."),
+                                       "--repeats", str(repeats)] + (["--tiny"] if tiny else []),
+                                      capture_output=True, text=True, check=True)
+            row[which] = json.loads(finished.stdout.strip().splitlines()[-1])
+        rows.append(row)
+    return rows
 
 
 def bench_conversion(workdir: Path):
@@ -602,22 +618,24 @@ def report(results, device, spec):
                   "set (OpenFlamingo's default) a short run shows each demonstration image once; from 8 examples, each "
                   "is shown about as often as in a full 5000-sample run over 2048.", ""]
     if "training" in results:
-        ours, theirs = results["training"]["otter"], results["training"]["reference"]
         sheet = peaks["peak_flops_s"]
-        header = ("| | samples/s | peak extra memory | saved for backward | FLOPs per step | TFLOP/s | "
+        header = ("| prompt | | samples/s | peak extra memory | saved for backward | FLOPs per step | TFLOP/s | "
                   "of the measured matmul rate |")
-        lines += ["### Training step (perceiver + cross-attention, AdamW, batch 8, 4 images per sample)", "",
+        lines += ["### Training step (perceiver + cross-attention, AdamW, batch 8)", "",
                   header + (" MFU |" if sheet else ""), "|---" * (header.count("|") - 1 + bool(sheet)) + "|"]
-        for name, row in (("Otter", ours), ("reference", theirs)):
-            lines.append(f"| {name} | {row['samples_s']:.2f} | {gib(row['peak_extra_bytes'])} | "
-                         f"{gib(row['saved_bytes'])} | {row['flops'] / 1e12:.3f} T | "
-                         f"{row['flops_s'] / 1e12:.3g} | {row['flops_s'] / peaks['matmul_flops_s']:.0%} |"
-                         + (f" {row['flops_s'] / sheet:.1%} |" if sheet else ""))
-        lines += [f"| ratio | {ours['samples_s'] / theirs['samples_s']:.2f}x | "
-                  f"{ours['peak_extra_bytes'] / max(theirs['peak_extra_bytes'], 1):.2f}x | "
-                  f"{ours['saved_bytes'] / theirs['saved_bytes']:.2f}x | {ours['flops'] / theirs['flops']:.3f}x | | |"
-                  + (" |" if sheet else ""), "",
-                  "Peak extra memory: above what the process held before the timed steps (" +
+        for row in results["training"]:
+            ours, theirs = row["otter"], row["reference"]
+            setup = f"{TRAINING_PROMPTS[row['prompt']]['label']}: {ours['images']} images, {ours['tokens']} tokens"
+            for label, name, figures in ((setup, "Otter", ours), ("", "reference", theirs)):
+                lines.append(f"| {label} | {name} | {figures['samples_s']:.2f} | {gib(figures['peak_extra_bytes'])} | "
+                             f"{gib(figures['saved_bytes'])} | {figures['flops'] / 1e12:.3f} T | "
+                             f"{figures['flops_s'] / 1e12:.3g} | {figures['flops_s'] / peaks['matmul_flops_s']:.0%} |"
+                             + (f" {figures['flops_s'] / sheet:.1%} |" if sheet else ""))
+            lines.append(f"| | ratio | {ours['samples_s'] / theirs['samples_s']:.2f}x | "
+                         f"{ours['peak_extra_bytes'] / max(theirs['peak_extra_bytes'], 1):.2f}x | "
+                         f"{ours['saved_bytes'] / theirs['saved_bytes']:.2f}x | {ours['flops'] / theirs['flops']:.3f}x "
+                         "| | |" + (" |" if sheet else ""))
+        lines += ["", "Peak extra memory: above what the process held before the timed steps (" +
                   ("`torch.cuda.max_memory_allocated`" if device == "cuda" else "peak RSS, which the allocator sways") +
                   "). Saved for backward: the distinct activation tensors autograd keeps for the backward pass. "
                   "FLOPs: the matmuls and attention of one step, forward and backward, as torch's FlopCounterMode "
@@ -647,12 +665,14 @@ def main():
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 TFLOP/s, for the MFU (else GPU_SPECS)")
     parser.add_argument("--hbm-tbs", type=float, help="the GPU's memory bandwidth in TB/s, for the decode bound")
     parser.add_argument("--training-worker", choices=["otter", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--training-prompt", choices=list(TRAINING_PROMPTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = TINY_MODEL if args.tiny else GPU_MODEL if args.device == "cuda" else CPU_MODEL
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.training_worker:
         model, reference = build(spec, args.device, dtype)
-        print(json.dumps(train_step(args.training_worker, model, reference, spec, args.device, dtype, args.repeats)))
+        print(json.dumps(train_step(args.training_worker, model, reference, spec, args.device, dtype, args.repeats,
+                                    args.training_prompt)))
         return
     peak_flops, hbm = data_sheet(args.device, args.peak_tflops, args.hbm_tbs)
     results = {"peaks": {**measured_peaks(args.device, dtype), "dtype": str(dtype).removeprefix("torch."),

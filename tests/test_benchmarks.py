@@ -31,9 +31,12 @@ def test_the_benchmark_script_runs_and_otter_matches_the_reference_with_less_act
         assert row["same_predictions"] == row["examples"] == 16
         assert row["otter"]["score"] == row["reference"]["score"]
 
-    ours, theirs = results["training"]["otter"], results["training"]["reference"]
-    assert ours["flops"] > 0 and theirs["flops"] > 0
-    assert 0 < ours["saved_bytes"] < theirs["saved_bytes"]
+    assert [(row["prompt"], row["otter"]["tokens"]) for row in results["training"]] == [
+        ("short", 59), ("mmc4", 256), ("long", 512)]
+    for row in results["training"]:
+        ours, theirs = row["otter"], row["reference"]
+        assert ours["flops"] > 0 and theirs["flops"] > 0
+        assert 0 < ours["saved_bytes"] < theirs["saved_bytes"], row["prompt"]
 
     markdown = table.read_text()
     for heading in ("### Generation", "### Few-shot evaluation", "### Training step"):
