@@ -100,23 +100,19 @@ def _attention_bias(position_bias, attention_mask, key_length, dtype):
     Both are kept on the mask, which transformers builds once per forward and hands every layer, so that the layers
     share one tensor (also in what autograd saves for backward).
     """
-    if attention_mask is None:
-        if position_bias is None:
-            return None, None
-    else:
-        cached = getattr(attention_mask, "_otter_attention_bias", None)
-        if cached is not None and cached[0] is position_bias and cached[1] == (key_length, dtype):
-            return cached[2]
+    cached = getattr(attention_mask, "_otter_attention_bias", None)
+    if cached is not None and cached[0] is position_bias and cached[1] == (key_length, dtype):
+        return cached[2]
     bias = None
-    if position_bias is not None:
-        if position_bias.ndim != 3:
-            raise ValueError(f"Expecting position_bias shape to be 3 dimensions, got {position_bias.ndim}")
+    if position_bias is not None:  # (heads, 1, max_seq_len)
         bias = position_bias[:, :, max(0, position_bias.size(2) - key_length):].to(dtype)
     if attention_mask is None:
         return bias, None
     unattended = attention_mask.all(dim=-1, keepdim=True)
     bias = torch.where(attention_mask, torch.finfo(dtype).min, 0.0 if bias is None else bias)
     bias = bias.masked_fill(unattended, 0.0).to(dtype)
+    if key_length % 8:  # CUDA's memory-efficient kernel would copy a bias whose rows are not 8-aligned, in every layer
+        bias = F.pad(bias, (0, 8 - key_length % 8))[..., :key_length]
     result = bias, (~unattended).to(dtype)
     if not torch.compiler.is_compiling():  # a compiled graph computes it once anyway
         attention_mask._otter_attention_bias = (position_bias, (key_length, dtype), result)
