@@ -5,14 +5,14 @@ Otter against the reference implementation (open-flamingo 2.0.1), side by side i
 
 CPU mode builds a model big enough that compute dominates overhead (ViT-B/32's tower: 12 layers of width 768; MPT 8
 layers of width 512; OpenFlamingo's perceiver and cross-attention sizes); GPU mode (`--device cuda`) builds the
-OpenFlamingo-9B architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed
-does not depend on them. The reference is built around deep copies of Otter's own parts (tests/reference.py; its MPT
-runs transformers' eager attention, as OpenFlamingo does), so both compute the same function. The training step runs
-on three prompt shapes (TRAINING_PROMPTS), from short chunks to a long instruction context. Decode speed is set against the memory-bandwidth bound (batch x bandwidth / weight bytes)
-and the training step's FLOPs (counted by torch's FlopCounterMode) against the matmul rate measured on the machine
-and, on a GPU whose data sheet GPU_SPECS knows (or --peak-tflops), the MFU. Writes a Markdown table (stdout, and
---out, rewritten after each part). `--tiny` runs every part on a tiny model, to check the script (its figures measure
-overhead, not the implementations).
+OpenFlamingo-9B architecture (ViT-L/14, MPT-7B, cross-attention every 4 layers) in bf16. Weights are random: speed does
+not depend on them. The reference is built around deep copies of Otter's own parts (tests/reference.py; its MPT runs
+transformers' eager attention, as OpenFlamingo does), so both compute the same function. The training step runs on three
+prompt shapes (TRAINING_PROMPTS), from short chunks to a long instruction context. Decode speed is set against the
+memory-bandwidth bound (batch x bandwidth / weight bytes) and the training step's FLOPs (counted by torch's
+FlopCounterMode) against the matmul rate measured on the machine and, on a GPU whose data sheet GPU_SPECS knows (or
+--peak-tflops), the MFU. Writes a Markdown table (stdout, and --out, rewritten after each part). `--tiny` runs every
+part on a tiny model, to check the script (its figures measure overhead, not the implementations).
 """
 
 import argparse
