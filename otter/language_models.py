@@ -62,29 +62,46 @@ class MptSdpaAttention(MptAttention):
     the eager attention, which keeps `(batch, heads, query, key)` scores and probabilities in fp32 in every layer for
     the backward pass: what makes fine-tuning on long sequences run out of memory.
 
-    `eager = True` runs transformers' own attention: the Otter model sets it for a forward call that asks for
-    `output_attentions`, or when the model was loaded with `attn_implementation="eager"`.
+    `eager = True` computes as `MptAttention` does, and returns the attention weights: the Otter model sets it for a
+    forward call that asks for `output_attentions`, or when the model was loaded with `attn_implementation="eager"`.
     """
 
     eager = False
 
-    def forward(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
-        if self.eager:
-            return super().forward(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
-        batch, length = hidden_states.shape[:2]
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values `(batch, length, hidden)` from `Wqkv` (clamped to `clip_qkv`)."""
         qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        return qkv.chunk(3, dim=2)
+
+    def forward(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+        batch, length = hidden_states.shape[:2]
         query, key, value = (t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-                             for t in qkv.chunk(3, dim=2))
+                             for t in self.project(hidden_states))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-        bias, attending = _attention_bias(position_bias, attention_mask, key.shape[-2], query.dtype)
-        if attending is not None:
-            query = query * attending
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.softmax_scale,
-                                             dropout_p=self.attn_dropout_p if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
+        weights = None
+        if self.eager:
+            out, weights = self._eager_attention(query, key, value, position_bias, attention_mask)
+        else:
+            bias, attending = _attention_bias(position_bias, attention_mask, key.shape[-2], query.dtype)
+            if attending is not None:
+                query = query * attending
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.softmax_scale,
+                                                 dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1)), weights
+
+    def _eager_attention(self, query, key, value, position_bias, attention_mask):
+        """`MptAttention.forward`'s computation, step for step: the output and the attention weights."""
+        scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
+        if position_bias is not None:
+            scores = scores + position_bias[:, :, max(0, position_bias.size(2) - key.shape[-2]):]
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask, torch.finfo(query.dtype).min)
+        weights = F.softmax(scores.float(), dim=-1).to(value.dtype)
+        weights = F.dropout(weights, p=self.attn_dropout_p, training=self.training)
+        return torch.matmul(weights, value), weights
 
 
 def _attention_bias(position_bias, attention_mask, key_length, dtype):
@@ -123,22 +140,20 @@ class MptAttentionWithQKLayerNorm(MptSdpaAttention):
     """
     `MptAttention` plus QK LayerNorm (`attn_config.qk_ln`), which transformers' MPT reads from its config but does not
     implement. As in mosaic_gpt (MPT-1B-RedPajama) and llm-foundry: LayerNorms over d_model (`q_ln`, `k_ln`, no bias,
-    like every MPT norm) on the query and key thirds of `Wqkv`'s output, before the heads are split. Done as a hook on
-    `Wqkv` so the parent's attention code runs unchanged.
+    like every MPT norm) on the query and key thirds of what `Wqkv` returns, before the heads are split; with LoRA
+    on `Wqkv`, of its adapted output, so that merging the adapter gives the model that was trained.
     """
 
     def __init__(self, config, layer_idx: int | None = None):
         super().__init__(config, layer_idx)
         if self.clip_qkv:
-            # mosaic_gpt clamps before the LayerNorms; MptAttention clamps after Wqkv, i.e. after this hook
             raise ValueError(f"MPT with both qk_ln and clip_qkv={self.clip_qkv} is not supported")
         self.q_ln = nn.LayerNorm(self.hidden_size, eps=config.layer_norm_epsilon, bias=False)
         self.k_ln = nn.LayerNorm(self.hidden_size, eps=config.layer_norm_epsilon, bias=False)
-        self.Wqkv.register_forward_hook(self._normalize_query_and_key)
 
-    def _normalize_query_and_key(self, module, args, qkv: torch.Tensor) -> torch.Tensor:
-        query, key, value = qkv.chunk(3, dim=-1)
-        return torch.cat([self.q_ln(query), self.k_ln(key), value], dim=-1)
+    def project(self, hidden_states):
+        query, key, value = super().project(hidden_states)
+        return self.q_ln(query), self.k_ln(key), value
 
 
 class MptForCausalLMWithQKLayerNorm(MptForCausalLM):

@@ -10,12 +10,18 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers.models.mpt.modeling_mpt import MptAttention
 
 flamingo_module = pytest.importorskip("open_flamingo.src.flamingo", reason="pip install --no-deps open-flamingo==2.0.1 einops-exts")
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
-from otter.language_models import get_decoder_layers, sdpa_attentions, set_decoder_layers  # noqa: E402
+from otter.language_models import (  # noqa: E402
+    MptSdpaAttention,
+    get_decoder_layers,
+    sdpa_attentions,
+    set_decoder_layers,
+)
 
 
 class ClipTokens(nn.Module):
@@ -46,13 +52,15 @@ class FlamingoLMForTransformers5(FlamingoLMMixin):
 def unwrapped_language_model(model):
     """
     A deep copy of the Otter model's LM with its original decoder layers back in place, and MPT's attention back to
-    transformers' eager code, what OpenFlamingo runs.
+    transformers' `MptAttention`, what OpenFlamingo runs (QK-LayerNorm MPT: Otter's eager computation).
     """
     language_model = copy.deepcopy(model.language_model)
     path = model._decoder_layers_path
     layers = get_decoder_layers(language_model, path)
     set_decoder_layers(language_model, path, nn.ModuleList(layer.decoder_layer for layer in layers))
-    sdpa_attentions(language_model, eager=True)
+    for attention in sdpa_attentions(language_model, eager=True):
+        if type(attention) is MptSdpaAttention:
+            attention.__class__ = MptAttention
     return language_model
 
 

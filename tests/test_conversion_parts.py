@@ -96,6 +96,29 @@ def test_mosaic_gpt_converts_exactly_with_qk_layernorm(mosaic_folder, tmp_path):
     assert "otter.load_language_model" in (tmp_path / "mpt" / "README.md").read_text()
 
 
+def test_lora_on_a_qk_layernorm_mpt_merges_into_the_model_it_trained(mosaic_folder, tmp_path):
+    """
+    LoRA on OpenFlamingo-3B's language model (peft adapts MPT's `Wqkv`): the QK LayerNorms normalise the adapted
+    projection, so the model with its adapter and the merged one (`otter train --lora-output merged`) are the same
+    function, in the fused attention and the eager one.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    folder, config, _ = mosaic_folder
+    convert_mosaic_gpt(str(folder), tmp_path / "mpt")
+    model = otter.load_language_model(tmp_path / "mpt").eval()
+    torch.manual_seed(0)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["Wqkv"], init_lora_weights=False))
+    ids = torch.randint(0, config["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_adapter = adapted(input_ids=ids).logits
+        merged = adapted.merge_and_unload()
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter, rtol=1e-5, atol=1e-5)
+        otter.language_models.sdpa_attentions(merged, eager=True)
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("setting,value", [("alibi", False), ("n_heads", 6), ("no_bias", False)])
 def test_mosaic_gpt_settings_mpt_cannot_express_are_refused(setting, value):
     with pytest.raises(ValueError, match=setting if setting != "n_heads" else "power of two"):
