@@ -507,10 +507,11 @@ def saved_for_backward_bytes(fn, net):
     return sum(saved.values())
 
 
-def bench_training(device, dtype, repeats, tiny=False):
+def bench_training(device, dtype, repeats, tiny=False, rows=None):
     """Each implementation in a fresh process: memory an earlier run freed (and the allocator kept) would otherwise
-    make whichever runs second look smaller."""
-    rows = []
+    make whichever runs second look smaller. Each prompt's row is appended to `rows` as soon as it is measured, so
+    that a later prompt failing (say, out of memory) leaves the earlier ones."""
+    rows = [] if rows is None else rows
     for name in TRAINING_PROMPTS:
         row = {"prompt": name}
         for which in ("otter", "reference"):
@@ -692,7 +693,8 @@ def main():
         return bench_conversion(args.workdir)
 
     parts = {"generation": generation, "evaluation": evaluation, "conversion": conversion,
-             "training": lambda: bench_training(args.device, dtype, args.repeats, args.tiny)}
+             "training": lambda: bench_training(args.device, dtype, args.repeats, args.tiny,
+                                                rows=results.setdefault("training", []))}
     failed = []
     for name in args.parts or (GPU_PARTS if args.device == "cuda" else PARTS):
         # one part failing (a GPU run is one shot) leaves the others' figures, written after each part
