@@ -169,8 +169,8 @@ class MptForCausalLMWithQKLayerNorm(MptForCausalLM):
 def sdpa_attentions(language_model: nn.Module, eager: bool = False) -> list[MptSdpaAttention]:
     """
     Every `MptSdpaAttention` of `language_model`, transformers' `MptAttention`s turned into one in place (same
-    weights, same function); `eager` sets whether they run transformers' eager attention. Empty for other families,
-    whose own attention implementations transformers selects.
+    weights, same function); `eager` sets whether they compute eagerly (`MptSdpaAttention.eager`). Empty for other
+    families, whose own attention implementations transformers selects.
     """
     attentions = []
     for module in language_model.modules():

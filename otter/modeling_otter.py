@@ -304,7 +304,7 @@ class OtterModel(OtterPreTrainedModel):
 
     @contextmanager
     def _eager_language_model_attention(self, eager: bool):
-        """For one call, MPT's attention runs transformers' eager code, which returns the attention weights."""
+        """For one call, MPT's attention computes eagerly, which returns the attention weights."""
         if not eager or self._eager_attention:
             yield
             return
