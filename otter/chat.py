@@ -115,16 +115,11 @@ def read_image(path: str):
     """An image file -> upright RGB PIL image; a ValueError naming the path when it is missing or unreadable."""
     from pathlib import Path
 
-    from PIL import Image
-
     from .processing_otter import load_image
 
     if not Path(path).is_file():
         raise ValueError(f"image {path} does not exist" if not Path(path).exists() else f"image {path} is not a file")
-    try:
-        return load_image(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"image {path} could not be read ({error})") from None
+    return load_image(path)
 
 
 def generation_kwargs(args) -> dict:

@@ -1,13 +1,26 @@
-"""The `otter` command. Each subcommand lives with the code it drives."""
+"""
+The `otter` command. Each subcommand lives with the code it drives.
+
+Errors: a user error (a bad argument, a missing or damaged file, a refused resume) prints one `otter: ...` line and
+exits with status 1. A user error is an exception the library raises itself: a `ValueError` or file error raised by
+Otter's own code (its convention for bad input), or one of its named error classes. Anything else is a bug or an
+environment failure and keeps its traceback. `--debug` (or `OTTER_DEBUG=1`) shows the traceback of every error.
+"""
 
 import argparse
 import logging
+import os
 import shlex
 import sys
+from pathlib import Path
+
+# what Otter's own code raises for bad input (see the module docstring)
+USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                    PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="otter", description="Flamingo-style multimodal in-context learning.")
     commands = parser.add_subparsers(dest="command", required=True)
     # each package registers its own subcommands; imported here only, so `import otter` stays light
     from otter.conversion.cli import register as register_conversion
@@ -25,7 +38,36 @@ def build_parser() -> argparse.ArgumentParser:
     from otter.chat import register as register_chat
 
     register_chat(commands)
+    _add_debug_option(parser, top=True)
     return parser
+
+
+def _add_debug_option(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """`--debug` on the command and on every subcommand, so that it may be given anywhere on the line."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of every error (also: OTTER_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):
+                _add_debug_option(subparser)
+
+
+def _own_directories() -> set[Path]:
+    """The folders of Otter's own modules (otter, otter.conversion, otter.train, otter.eval: installed apart)."""
+    return {Path(module.__file__).resolve().parent for name, module in list(sys.modules.items())
+            if (name == "otter" or name.startswith("otter.")) and getattr(module, "__file__", None)}
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is one the library raised on purpose for bad input (see the module docstring)."""
+    if type(error).__module__.split(".")[0] == "otter":
+        return True
+    if not isinstance(error, USER_ERROR_TYPES) or error.__traceback__ is None:
+        return False
+    traceback = error.__traceback__
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return Path(traceback.tb_frame.f_code.co_filename).resolve().parent in _own_directories()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["otter", *argv])  # recorded by commands that write a model card
-    args.func(args)
+    debug = args.debug or os.environ.get("OTTER_DEBUG", "") not in ("", "0")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("otter: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if debug or not is_user_error(error):
+            raise
+        print(f"otter: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

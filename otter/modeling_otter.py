@@ -1,10 +1,14 @@
 """Otter / OpenFlamingo as native transformers models: CLIP vision tower + Perceiver + a causal LM with gated
 cross-attention before its decoder layers."""
 
+import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -56,6 +60,50 @@ class OtterCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+class DamagedModelError(ValueError):
+    """A model folder that does not hold the model its config describes: tensors missing, unexpected or mis-shaped,
+    an unreadable weights file or config."""
+
+
+def _listed(names, limit: int = 8) -> str:
+    names = sorted(map(str, names))
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_model_folder(name, config_given: bool) -> None:
+    """A clear error, before transformers looks, for a local path that is not an Otter folder."""
+    if name is None:
+        return
+    path = Path(name)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as error:
+            raise DamagedModelError(f"{config_file} is not a model config (not a JSON object: {error})") from None
+        if model_type != "otter" and not config_given:
+            raise ValueError(f"{path} is not an Otter model folder: {config_file} has model_type {model_type!r}, "
+                             "expected 'otter' (convert a checkpoint with `otter convert`)")
+    elif path.exists():
+        raise NotADirectoryError(f"{path} is a file; expected a model folder")
+    elif str(name).startswith((".", "/", "~")) or str(name).count("/") > 1 or os.sep != "/" and os.sep in str(name):
+        raise FileNotFoundError(f"model folder {name} does not exist")  # a path, not a hub id (owner/name)
+
+
+def _unreadable_weights(folder: Path) -> str:
+    """Which safetensors file of `folder` cannot be opened, and why ('' when each opens)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except (SafetensorError, OSError) as error:
+            return f"{file} is damaged or truncated ({error})"
+    return ""
+
+
 class OtterPreTrainedModel(PreTrainedModel):
     config: OtterConfig
     base_model_prefix = ""
@@ -63,6 +111,42 @@ class OtterPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["OtterDecoderLayer", "PerceiverResampler", "CLIPEncoderLayer"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        transformers' `from_pretrained`, strict: a tensor the model needs that the weights lack, a tensor the weights
+        hold that the model has no place for, or one of the wrong shape raises `DamagedModelError` naming them (tied
+        output embeddings, which are not stored, excepted); so does an unreadable weights file. Nothing is left with
+        random values. `ignore_mismatched_sizes=True` explicitly re-initialises mis-shaped tensors, as in transformers.
+        A local path that is not an Otter folder is refused before anything is read.
+        """
+        _check_model_folder(pretrained_model_name_or_path, kwargs.get("config") is not None)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        try:  # mismatched sizes are reported below, by name, rather than by transformers' RuntimeError
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                                  ignore_mismatched_sizes=True, **kwargs)
+        except SafetensorError as error:
+            folder = Path(pretrained_model_name_or_path or "")
+            where = _unreadable_weights(folder) if folder.is_dir() else ""
+            raise DamagedModelError(where or f"{pretrained_model_name_or_path}: cannot read the weights ({error})") \
+                from error
+        problems = []
+        if info["missing_keys"]:
+            problems.append(f"missing from the weights ({len(info['missing_keys'])}): {_listed(info['missing_keys'])}")
+        if info["unexpected_keys"]:
+            problems.append(f"in the weights but not in the model ({len(info['unexpected_keys'])}): "
+                            f"{_listed(info['unexpected_keys'])}")
+        if info["mismatched_keys"] and not allow_mismatched:
+            shapes = [f"{key} {tuple(saved)} where the model has {tuple(expected)}"
+                      for key, saved, expected in info["mismatched_keys"]]
+            problems.append(f"of another shape ({len(shapes)}): {_listed(shapes, 4)}")
+        if problems:
+            raise DamagedModelError(
+                f"{pretrained_model_name_or_path} does not hold the model its config describes (a damaged or edited "
+                "folder?); tensors " + "; tensors ".join(problems))
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -466,4 +550,4 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["OtterPreTrainedModel", "OtterModel", "OtterForConditionalGeneration"]
+__all__ = ["OtterPreTrainedModel", "OtterModel", "OtterForConditionalGeneration", "DamagedModelError"]

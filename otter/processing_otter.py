@@ -12,19 +12,35 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from .prompts import END_OF_CHUNK, IMAGE_TOKEN
 
 
+class UnreadableImageError(ValueError):
+    """An image file (or a PIL image opened from one) that cannot be decoded: missing, truncated, not an image."""
+
+
+# what PIL raises for a broken image (UnidentifiedImageError and "image file is truncated" are OSErrors)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_image(image) -> Image.Image:
-    """A PIL image or a path -> an upright RGB image (EXIF orientation applied; alpha, palette, grey converted)."""
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    elif isinstance(image, Image.Image):
-        image = ImageOps.exif_transpose(image)
-    else:
+    """
+    A PIL image or a path -> an upright RGB image (EXIF orientation applied; alpha, palette, grey converted), fully
+    decoded. An image that cannot be read raises `UnreadableImageError` naming the file.
+    """
+    if not isinstance(image, (str, os.PathLike, Image.Image)):
         raise ValueError(f"expected a PIL image or a file path, got {type(image).__name__}")
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palette transparency is defined through RGBA
-    return image.convert("RGB")  # as open_clip's transform: alpha is dropped, not composited
+    source = image if isinstance(image, (str, os.PathLike)) else getattr(image, "filename", None) or "(in memory)"
+    try:
+        if isinstance(image, Image.Image):
+            image = ImageOps.exif_transpose(image)
+            image.load()
+        else:
+            with Image.open(image) as opened:
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+        if image.mode == "P":
+            image = image.convert("RGBA")  # palette transparency is defined through RGBA
+        return image.convert("RGB")  # as open_clip's transform: alpha is dropped, not composited
+    except _DECODE_ERRORS as error:
+        raise UnreadableImageError(f"image {source} could not be read ({error})") from error
 
 
 class OtterImageProcessor(CLIPImageProcessorPil):
@@ -156,4 +172,4 @@ class OtterProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["OtterProcessor", "load_image"]
+__all__ = ["OtterProcessor", "UnreadableImageError", "load_image"]

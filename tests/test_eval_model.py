@@ -185,9 +185,8 @@ def test_images_are_loaded_ahead_in_background_threads_once_per_pass(tmp_path, m
 def test_an_unreadable_image_in_a_later_batch_is_named_and_earlier_results_are_kept(tmp_path):
     import json
 
-    from PIL import UnidentifiedImageError
-
     from otter.eval import evaluate
+    from otter.processing_otter import UnreadableImageError
     from otter.tiny import build_tiny_otter
 
     from .eval_fixtures import make_vqa
@@ -197,7 +196,7 @@ def test_an_unreadable_image_in_a_later_batch_is_named_and_earlier_results_are_k
     data_dir = make_vqa(tmp_path / "data", "vqav2", num_pool=3, num_test=6)
     last = sorted((data_dir / "val2014").iterdir())[-1]  # the query image of the last batch
     last.write_bytes(b"not an image")
-    with pytest.raises(UnidentifiedImageError, match=last.name):
+    with pytest.raises(UnreadableImageError, match=last.name):
         evaluate(model, processor, "vqav2", data_dir, tmp_path / "out.json", shots=[0], batch_size=2)
     logged = [json.loads(line) for line in (tmp_path / "out.samples.jsonl").read_text().splitlines()]
     assert len([record for record in logged if "id" in record]) == 4  # the first two batches' samples
