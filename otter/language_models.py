@@ -33,6 +33,18 @@ def decoder_layers_path(model_type: str, override: str | None = None) -> str:
     return DECODER_LAYERS[model_type]
 
 
+def max_positions(text_config: PretrainedConfig) -> int | None:
+    """
+    The most tokens the language model takes (prompt and generated tokens together): MPT's `max_seq_len` (its ALiBi
+    bias has that many columns), else `max_position_embeddings` or `n_positions`; None when the config states none.
+    """
+    for name in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def get_decoder_layers(language_model: nn.Module, path: str) -> nn.ModuleList:
     module = language_model
     for name in path.split("."):
