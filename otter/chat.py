@@ -84,30 +84,16 @@ def single_prompt(text: str, num_images: int, prompt_format: str | None, has_ans
 # -- loading ------------------------------------------------------------------------------------------------------
 def load_model(path: str, device: str | None, dtype: str):
     """An Otter folder -> (model in eval mode on `device` in `dtype`, processor); SystemExit naming a bad folder."""
-    import json
-    from pathlib import Path
-
     import torch
 
     from otter import OtterForConditionalGeneration, OtterProcessor
 
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not folder.is_dir():
-        raise SystemExit(f"otter: model folder {folder} does not exist")
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"otter: {folder} is not an Otter model folder: cannot read {config_file} ({error})") from None
-    if model_type != "otter":
-        raise SystemExit(f"otter: {folder} is not an Otter model folder: {config_file} has model_type {model_type!r}, "
-                         "expected 'otter' (convert a checkpoint with `otter convert`)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model = OtterForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
-        processor = OtterProcessor.from_pretrained(folder)
+        model = OtterForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        processor = OtterProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"otter: could not load the Otter model in {folder}: {error}") from None
+        raise SystemExit(f"otter: {error}") from None
     return model, processor
 
 
@@ -128,6 +114,8 @@ def generation_kwargs(args) -> dict:
         raise SystemExit("otter: --temperature and --top-p apply to sampling: add --do-sample")
     if args.max_new_tokens < 1:
         raise SystemExit(f"otter: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_beams is not None and args.num_beams < 1:
+        raise SystemExit(f"otter: --num-beams must be at least 1, got {args.num_beams}")
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.num_beams is not None:
         kwargs["num_beams"] = args.num_beams
@@ -179,24 +167,15 @@ def run_generate(args) -> None:
 
 
 # -- otter chat ---------------------------------------------------------------------------------------------------
-def _context_limit(model) -> int | None:
-    """The language model's maximum sequence length, when its config states one."""
-    text_config = model.config.text_config
-    for name in ("max_position_embeddings", "max_seq_len", "n_positions"):
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def run_chat(args) -> None:
+    from .language_models import max_positions
     from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN
 
     kwargs = generation_kwargs(args)
     model, processor = load_model(args.model, args.device, args.dtype)
     prompt_format = args.format or ("chat" if _has_answer_token(processor) else "raw")
     template = chat_template(prompt_format)
-    limit = _context_limit(model)
+    limit = max_positions(model.config.text_config)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"otter chat: {args.model} ({prompt_format} format). {CHAT_HELP}", file=sys.stderr)
@@ -244,7 +223,11 @@ def run_chat(args) -> None:
                 print("(context full: the oldest turn was forgotten)", file=sys.stderr)
                 prompt = chat_prompt(history, line, len(pending), template)
         images = [image for turn in history for image in turn.images] + pending
-        reply = answer(model, processor, prompt, images, **kwargs)
+        try:
+            reply = answer(model, processor, prompt, images, **kwargs)
+        except ValueError as error:  # e.g. a message longer than the model's context on its own
+            print(f"error: {error}; the message was not sent (its images stay attached)", file=sys.stderr)
+            continue
         print(reply, flush=True)
         history.append(ChatTurn(line, pending, reply))
         pending = []

@@ -6,7 +6,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPVisionModel, PreTrainedModel
 
 from .configuration_otter import OtterConfig
-from .language_models import load_language_model
+from .language_models import load_language_model, max_positions
 from .modeling_otter import OtterForConditionalGeneration
 from .processing_otter import OtterImageProcessor, OtterProcessor
 from .prompts import END_OF_CHUNK, IMAGE_TOKEN
@@ -61,6 +61,9 @@ def from_parts(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
     add_special_tokens(tokenizer)
+    limit = max_positions(language_model.config)
+    if limit is not None:  # what the tokenizer warns about, and what the model refuses
+        tokenizer.model_max_length = limit
     language_model.resize_token_embeddings(len(tokenizer))
     config = OtterConfig(
         vision_config=vision_model.config.to_dict(),

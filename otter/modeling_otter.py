@@ -23,6 +23,7 @@ from .language_models import (
     build_language_model,
     decoder_layers_path,
     get_decoder_layers,
+    max_positions,
     needs_qk_layernorm,
     sdpa_attentions,
     set_decoder_layers,
@@ -304,6 +305,28 @@ class OtterModel(OtterPreTrainedModel):
         per_block = media_key_values[0] if isinstance(media_key_values, tuple) else media_key_values[:, 0]
         return per_block.shape[1] // self.config.perceiver_num_latents
 
+    def _check_prompt(self, input_ids: torch.LongTensor, images_given: bool, new_tokens: int = 0) -> None:
+        """
+        Refuses what the model cannot answer faithfully: an empty prompt, `<image>` tokens without images (the model
+        would answer as if none were shown), more tokens than the language model's positions (`new_tokens`: how
+        many `generate()` may add).
+        """
+        if input_ids.shape[-1] == 0:
+            raise ValueError("input_ids holds no tokens (an empty prompt): give the model some text")
+        if not images_given:
+            with_markers = (input_ids == self.config.media_token_id).any(-1).nonzero().flatten().tolist()
+            if with_markers:
+                raise ValueError(
+                    f"sample(s) {with_markers} hold <image> tokens but no pixel_values were given: the model would "
+                    "answer as if no image was shown; pass the images (processor(text=..., images=...))"
+                )
+        limit = max_positions(self.config.text_config)
+        if limit is not None and input_ids.shape[-1] + new_tokens > limit:
+            asked = (f"{input_ids.shape[-1]} prompt tokens + max_new_tokens {new_tokens} = "
+                     f"{input_ids.shape[-1] + new_tokens}" if new_tokens else f"{input_ids.shape[-1]} tokens")
+            raise ValueError(f"the input is too long: {asked}, but the language model takes at most {limit} "
+                             "positions; shorten the prompt (fewer demonstrations) or ask for fewer new tokens")
+
     @staticmethod
     def _check_media_count(markers_per_sample: torch.Tensor, num_media: int) -> None:
         too_many = (markers_per_sample > num_media).nonzero().flatten().tolist()
@@ -376,6 +399,8 @@ class OtterModel(OtterPreTrainedModel):
     def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, **kwargs):
         """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
         full_sequences = media_index is None and (cache is None or cache.get_seq_length() == 0)
+        if full_sequences and input_ids is not None:
+            self._check_prompt(input_ids, images_given=pixel_values is not None or media_key_values is not None)
         image_features, media_key_values = self._media_key_values_for(
             pixel_values, media_key_values, input_ids if full_sequences else None)
         output_attentions = kwargs.get("output_attentions")
@@ -488,6 +513,17 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         With several beams (or returned sequences) per prompt and the KV cache on, the prompt runs once per sample,
         not once per beam: its cache is then repeated for the beams.
         """
+        config = kwargs.get("generation_config") or self.generation_config
+        for name in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(name, getattr(config, name, None))
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if input_ids is not None:
+            new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+            if new_tokens is None:  # transformers' max_length counts the prompt
+                new_tokens = max((kwargs.get("max_length", config.max_length) or 0) - input_ids.shape[-1], 0)
+            self._check_prompt(input_ids, pixel_values is not None or kwargs.get("media_key_values") is not None,
+                               new_tokens)
         if pixel_values is not None:
             _, per_block = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"), input_ids)
             # stacked, batch first: generate() repeats it for beams and returned sequences

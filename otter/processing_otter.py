@@ -97,7 +97,12 @@ class OtterProcessor(ProcessorMixin):
         if return_tensors != "pt":
             raise ValueError(f"OtterProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("text is an empty list: give at least one prompt")
         token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        empty = [index for index, ids in enumerate(token_ids) if not ids]
+        if empty:
+            raise ValueError(f"sample(s) {empty} of the text tokenize to nothing (an empty prompt)")
         per_sample = self._images_per_sample(texts, token_ids, images)
         if max_length is not None:
             token_ids, per_sample = zip(*(self._truncate(ids, imgs, max_length) for ids, imgs in zip(token_ids, per_sample)))

@@ -82,7 +82,7 @@ def test_generate_errors_name_the_problem(folders):
     (folders / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="broken.png could not be read"):
         main(["generate", "--model", str(folders / "raw"), "--image", str(folders / "broken.png"), "--prompt", "hi"])
-    with pytest.raises(SystemExit, match=f"{folders} is not an Otter model folder"):
+    with pytest.raises(SystemExit, match=f"{folders} is not a model folder: it has no config.json"):
         main(["generate", "--model", str(folders), "--image", red, "--prompt", "hi"])
     with pytest.raises(SystemExit, match="add --do-sample"):
         main(["generate", "--model", str(folders / "raw"), "--prompt", "hi", "--temperature", "0.7"])
