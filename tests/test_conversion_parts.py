@@ -186,9 +186,13 @@ def test_command_line(vision, tmp_path, monkeypatch, capsys):
           "--no-quick-gelu", "--out", str(tmp_path / "clip")])
     assert CLIPVisionModel.from_pretrained(tmp_path / "clip").config.hidden_act == "gelu"
 
-    with pytest.raises(ValueError, match="OpenFlamingo-4B-vitl-rpj3b was trained with cross_attn_every_n_layers=2, not 1"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
         main(["convert", "openflamingo", "--preset", "OpenFlamingo-4B-vitl-rpj3b", "--cross-attn-every-n-layers", "1",
               "--out", str(tmp_path / "x")])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.strip() == ("otter: OpenFlamingo-4B-vitl-rpj3b was trained with "
+                                               "cross_attn_every_n_layers=2, not 1")
 
 
 def test_hub_ids_resolve_through_the_local_cache_offline(vision, tmp_path, monkeypatch):
