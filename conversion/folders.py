@@ -1,33 +1,97 @@
 """Where conversions read from (local folders, or hub ids already in the Hugging Face cache) and how they write
 (a folder that appears under its final name only once complete, with a model card saying how it was made)."""
 
+import difflib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 logger = logging.getLogger(__name__)
 
+# what a hub look-up or download that fails raises: file and connection errors (not cached, offline, HTTP errors are
+# OSErrors), a malformed id (HFValidationError, a ValueError), and the HTTP client's and Xet's own errors
+HUB_ERRORS = (OSError, ValueError) + tuple(getattr(hub_errors, name) for name in ("HTTPError", "XetDownloadError")
+                                           if hasattr(hub_errors, name))
+
+
+def _hub_id(name: str) -> str | None:
+    """`name` if it has the form of a hub id (owner/name), else None."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
+    try:
+        huggingface_hub.utils.validate_repo_id(name)
+    except hub_errors.HFValidationError:
+        return None
+    return name
+
+
+def _no_such_folder(name: str, what: str) -> str:
+    """'no such folder', with the deepest folder of `name` that exists and the nearest name in it, if any is close."""
+    message = f"{what} {name}: no such folder"
+    parts = Path(name).parts
+    for depth in range(len(parts) - 1, -1, -1):
+        parent = Path(*parts[:depth]) if depth else Path(".")
+        if not parent.expanduser().is_dir():
+            continue
+        try:
+            siblings = [child.name for child in parent.expanduser().iterdir() if child.is_dir()]
+        except OSError:
+            break
+        close = difflib.get_close_matches(parts[depth], siblings, n=1)
+        if close:
+            message += f" (did you mean {parent / close[0] if depth else close[0]}?)"
+        elif depth:
+            message += f" ({parent} has no {parts[depth]})"
+        break
+    return message
+
+
+def _failure(error: BaseException) -> str:
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache does not hold it"
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
 
 def local_folder(name: str | os.PathLike, what: str) -> Path:
-    """A local folder, or a hub id resolved through huggingface_hub's cache (fetched only when the cache lacks it)."""
-    path = Path(name).expanduser()
+    """
+    A local folder, or a hub id resolved through huggingface_hub's cache (fetched only when the cache lacks it). A name
+    that looks like a path (not of the form owner/name, or whose first folder exists here) and names no folder is
+    'no such folder', before any download is attempted; a hub id that fails to download says so, and why.
+    """
+    text = str(name)
+    path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{what} {name} is a file; expected a folder or a hub id")
-    if str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{what} {name}: no such folder (and not a hub id of the form owner/name)")
+    hub_id = _hub_id(text)
+    if hub_id is not None:
+        try:
+            return Path(snapshot_download(hub_id, local_files_only=True))
+        except LocalEntryNotFoundError:
+            pass
+    if hub_id is None:
+        plainly_a_path = text.startswith((".", "/", "~")) or text.count("/") > 1
+        raise FileNotFoundError(_no_such_folder(text, what) + ("" if plainly_a_path else
+                                                               " (and not a hub id of the form owner/name)"))
+    if Path(hub_id.split("/")[0]).is_dir():  # a local folder with a mistyped name in it, most likely
+        raise FileNotFoundError(f"{_no_such_folder(text, what)}; if you meant the hub model {hub_id}, download it "
+                                f"first (hf download {hub_id})")
+    logger.info("%s %s is not in the Hugging Face cache: downloading it", what, hub_id)
     try:
-        return Path(snapshot_download(str(name), local_files_only=True))
-    except LocalEntryNotFoundError:
-        logger.info("%s %s is not in the Hugging Face cache: downloading it", what, name)
-        return Path(snapshot_download(str(name)))
+        return Path(snapshot_download(hub_id))
+    except HUB_ERRORS as error:
+        raise FileNotFoundError(f"{what} {text}: no local folder {text}, and the hub download failed: "
+                                f"{_failure(error)}") from error
 
 
 def local_file(repo_id: str, filename: str) -> Path:
@@ -35,8 +99,13 @@ def local_file(repo_id: str, filename: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=True))
     except LocalEntryNotFoundError:
-        logger.info("%s/%s is not in the Hugging Face cache: downloading it", repo_id, filename)
+        pass
+    logger.info("%s/%s is not in the Hugging Face cache: downloading it", repo_id, filename)
+    try:
         return Path(hf_hub_download(repo_id, filename))
+    except HUB_ERRORS as error:
+        raise FileNotFoundError(f"{repo_id}/{filename} is not in the Hugging Face cache, and the hub download failed: "
+                                f"{_failure(error)}") from error
 
 
 @contextmanager

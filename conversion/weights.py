@@ -10,13 +10,15 @@ import json
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -58,17 +60,72 @@ def _state_dict_in(loaded, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _damaged(path: Path, what: str, reason: str) -> ValueError:
+    """The error for a weights file that cannot be what it claims: named, with its size and why."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if handle.read(len(LFS_POINTER)) == LFS_POINTER:
+            return ValueError(f"{path} ({size} bytes) is a Git LFS pointer, not the weights it stands for: fetch the "
+                              "file itself (git lfs pull)")
+    return ValueError(f"{path} ({size} bytes) is truncated or not {what}: {reason}")
+
+
 def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """(tensors, memory_mapped). Zip archives (torch >= 1.6) are memory-mapped, so nothing is read until used. Only
-    tensors and plain containers are unpickled (weights_only=True)."""
-    mapped = zipfile.is_zipfile(path)
-    if not mapped:
-        logger.warning("%s is a legacy (pre-zip) torch file: it is read into memory whole", path)
+    """
+    (tensors, memory_mapped). Zip archives (torch >= 1.6) are memory-mapped, so nothing is read until used; legacy
+    files (a bare pickle) are read whole. Only tensors and plain containers are unpickled (weights_only=True). Which
+    of the two a file is, is read off its first bytes, so that a zip cut short (no longer a zip) is called damaged,
+    not legacy; a file that is neither, or fails to load, is a ValueError naming it.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise _damaged(path, "a PyTorch checkpoint", "a zip archive without its end (central directory)")
+        mapped = True
+    elif len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle's PROTO opcode: legacy torch.save
+        mapped = False
+    else:
+        reason = "the file is empty" if not head else f"it starts with {head!r}, neither a zip archive nor a pickle"
+        raise _damaged(path, "a PyTorch checkpoint", reason)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} does not load with weights_only=True (it pickles more than tensors): {error}") from error
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused:
+            raise ValueError(f"{path} does not load with weights_only=True: it pickles {refused.group(1)}, not only "
+                             "tensors (Otter never unpickles code from files)") from error
+        raise _damaged(path, "a PyTorch checkpoint", _reason(error)) from error
+    except (EOFError, RuntimeError, OSError) as error:
+        raise _damaged(path, "a PyTorch checkpoint", _reason(error)) from error
+    if not mapped:
+        logger.warning("%s is a legacy (pre-zip) torch file: it is read into memory whole", path)
     return _state_dict_in(loaded, path), mapped
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a loading error (torch's weights-only errors put it after a paragraph of advice)."""
+    message = str(error)
+    if isinstance(error, EOFError) and not message.strip():
+        return "the file ends early"
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    return next((line.strip() for line in message.splitlines() if line.strip()), type(error).__name__)
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    """safe_open, a damaged file named as such (safetensors' own error names no file)."""
+    try:
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise _damaged(path, "a safetensors file", _reason(error)) from error
+    with handle:
+        yield handle
 
 
 @dataclass(frozen=True)
@@ -101,7 +158,7 @@ class CheckpointFiles:
 
     def _index(self, path: Path) -> dict[str, TensorInfo]:
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
+            with _open_safetensors(path) as handle:
                 return {
                     name: TensorInfo(tuple(handle.get_slice(name).get_shape()),
                                      SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()])
@@ -125,7 +182,7 @@ class CheckpointFiles:
         out = {}
         for path, wanted in by_file.items():
             if path.suffix == ".safetensors":
-                with safe_open(path, framework="pt") as handle:
+                with _open_safetensors(path) as handle:
                     out.update({name: handle.get_tensor(name) for name in wanted})
             elif path in self._resident:
                 out.update({name: self._resident[path][name] for name in wanted})
