@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,17 +108,52 @@ def local_file(repo_id: str, filename: str) -> Path:
                                 f"{_failure(error)}") from error
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Removes the partial folders for `out` that processes of this host left when killed (their pid is gone)."""
+    prefix = f".{out.name}.partial-{_host()}-"
+    for candidate in out.parent.iterdir():
+        pid = candidate.name[len(prefix):] if candidate.name.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or not candidate.is_dir():
+            continue
+        try:
+            shutil.rmtree(candidate)
+        except FileNotFoundError:  # another run removed it first
+            continue
+        logger.info("removed %s: the partial output of an interrupted run (process %s is gone)", candidate, pid)
+
+
 @contextmanager
 def atomic_folder(out: str | os.PathLike):
     """
-    Yields a temporary folder next to `out`, renamed to `out` when the block completes and removed if it fails. An
-    existing `out` is an error: nothing is overwritten, and an interrupted run leaves no half-written `out`.
+    Yields a temporary folder next to `out`, `.{out.name}.partial-{host}-{pid}`, renamed to `out` when the block
+    completes and removed if it fails. An existing `out` is an error: nothing is overwritten, and an interrupted run
+    leaves no half-written `out`. A run killed outright (kill -9) leaves its partial folder; the next run for the same
+    `out` on the same host removes it (a live process's is never touched, nor, on a shared disk, another host's).
     """
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; give a new output folder (nothing is overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_partials(out)
+    partial = out.parent / f".{out.name}.partial-{_host()}-{os.getpid()}"
+    try:
+        partial.mkdir()
+    except FileExistsError:
+        raise FileExistsError(f"{partial} exists: this process is already writing {out}") from None
     try:
         yield partial
         os.rename(partial, out)

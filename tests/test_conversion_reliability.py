@@ -1,7 +1,13 @@
-"""Conversion fails cleanly: damaged weights files and mistyped folders are named (never a bare EOFError or a download
-attempt for a local typo)."""
+"""Conversion fails cleanly and leaves nothing behind: damaged weights files and mistyped folders are named (never a
+bare EOFError or a download attempt for a local typo), and an interrupted run's partial folder is cleaned up by the
+next."""
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 
 import huggingface_hub
 import pytest
@@ -10,7 +16,8 @@ from safetensors.torch import save_file
 
 from otter.cli import is_user_error, main
 from otter.conversion import folders
-from otter.conversion.folders import local_file, local_folder
+from otter.conversion.folders import atomic_folder, local_file, local_folder
+from otter.conversion.mosaic_gpt import convert_mosaic_gpt
 from otter.conversion.openflamingo import language_model_plan
 from otter.conversion.weights import CheckpointFiles
 from otter.tiny import tiny_tokenizer
@@ -177,3 +184,52 @@ def test_a_preset_checkpoint_that_cannot_be_fetched_is_named(offline_hub):
     assert "openflamingo/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt" in str(raised.value)
     assert "not in the Hugging Face cache" in str(raised.value) and "offline" in str(raised.value).lower()
     assert is_user_error(raised.value)
+
+
+# item 16: partial folders of interrupted runs
+
+
+def partials(folder):
+    return sorted(path.name for path in folder.iterdir() if ".partial-" in path.name)
+
+
+def test_a_killed_conversion_leaves_a_partial_folder_the_next_run_removes(tmp_path, caplog):
+    out = tmp_path / "model"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from otter.conversion.folders import atomic_folder
+        with atomic_folder({str(out)!r}) as partial:
+            (partial / "model-00001-of-00009.safetensors").write_bytes(b"half written")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert killed.returncode == -9
+    assert len(partials(tmp_path)) == 1 and not out.exists()
+
+    with caplog.at_level(logging.INFO), atomic_folder(out) as partial:
+        (partial / "config.json").write_text("{}")
+    assert partials(tmp_path) == [] and sorted(os.listdir(out)) == ["config.json"]
+    assert "removed" in caplog.text and "interrupted" in caplog.text
+
+
+def test_only_partial_folders_of_dead_processes_on_this_host_are_removed(mosaic_folder, tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid names no live process now
+    host = socket.gethostname()
+    dead = tmp_path / f".mpt.partial-{host}-{finished.pid}"
+    live = tmp_path / f".mpt.partial-{host}-{os.getppid()}"  # another conversion still at work
+    elsewhere = tmp_path / f".mpt.partial-some-other-host-{finished.pid}"  # a shared disk: not ours to judge
+    other_output = tmp_path / f".other.partial-{host}-{finished.pid}"
+    for folder in (dead, live, elsewhere, other_output):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    convert_mosaic_gpt(str(mosaic_folder), tmp_path / "mpt")
+    assert (tmp_path / "mpt" / "config.json").is_file()
+    assert partials(tmp_path) == sorted(folder.name for folder in (live, elsewhere, other_output))
+
+
+def test_the_partial_folder_is_named_after_this_process(tmp_path):
+    with atomic_folder(tmp_path / "out") as partial:
+        assert partial.parent == tmp_path
+        assert partial.name == f".out.partial-{socket.gethostname()}-{os.getpid()}"
+    assert (tmp_path / "out").is_dir() and partials(tmp_path) == []
