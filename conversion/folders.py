@@ -136,6 +136,28 @@ def _remove_stale_partials(out: Path) -> None:
         logger.info("removed %s: the partial output of an interrupted run (process %s is gone)", candidate, pid)
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """Gives `folder` and everything in it the permissions mkdir and open give under the umask (some writers, e.g.
+    safetensors, create their files private to the user)."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, subfolders, files in os.walk(folder):
+        for name in subfolders:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_folder(out: str | os.PathLike):
     """
@@ -143,6 +165,7 @@ def atomic_folder(out: str | os.PathLike):
     completes and removed if it fails. An existing `out` is an error: nothing is overwritten, and an interrupted run
     leaves no half-written `out`. A run killed outright (kill -9) leaves its partial folder; the next run for the same
     `out` on the same host removes it (a live process's is never touched, nor, on a shared disk, another host's).
+    The folder and its files get the permissions the umask gives, as mkdir and open do (not mkdtemp's 0700).
     """
     out = Path(out)
     if out.exists():
@@ -156,6 +179,7 @@ def atomic_folder(out: str | os.PathLike):
         raise FileExistsError(f"{partial} exists: this process is already writing {out}") from None
     try:
         yield partial
+        _honour_umask(partial)
         os.rename(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

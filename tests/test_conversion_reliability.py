@@ -1,10 +1,11 @@
 """Conversion fails cleanly and leaves nothing behind: damaged weights files and mistyped folders are named (never a
-bare EOFError or a download attempt for a local typo), and an interrupted run's partial folder is cleaned up by the
-next."""
+bare EOFError or a download attempt for a local typo), an interrupted run's partial folder is cleaned up by the next,
+and outputs honour the umask."""
 
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,20 @@ def test_the_partial_folder_is_named_after_this_process(tmp_path):
         assert partial.parent == tmp_path
         assert partial.name == f".out.partial-{socket.gethostname()}-{os.getpid()}"
     assert (tmp_path / "out").is_dir() and partials(tmp_path) == []
+
+
+# item 17: permissions
+
+
+@pytest.mark.parametrize("umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664)])
+def test_converted_folders_honour_the_umask(umask, folder_mode, file_mode, mosaic_folder, tmp_path):
+    previous = os.umask(umask)
+    try:
+        convert_mosaic_gpt(str(mosaic_folder), tmp_path / "mpt")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "mpt"
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(modes)
+    assert modes == dict.fromkeys(modes, file_mode)
