@@ -15,6 +15,8 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from otter.language_models import max_positions
+
 logger = logging.getLogger(__name__)
 
 # what a hub look-up or download that fails raises: file and connection errors (not cached, offline, HTTP errors are
@@ -185,6 +187,17 @@ def atomic_folder(out: str | os.PathLike):
         shutil.rmtree(partial, ignore_errors=True)
         raise
     logger.info("wrote %s", out)
+
+
+def limit_tokenizer_length(tokenizer, text_config) -> None:
+    """Sets `tokenizer.model_max_length` to the language model's limit, so that truncation and length warnings use it
+    (source tokenizers often leave it unset, i.e. about 1e30)."""
+    limit = max_positions(text_config)
+    if limit is None:
+        logger.warning("the language model's config states no length limit: the tokenizer's model_max_length (%s) is "
+                       "kept", tokenizer.model_max_length)
+        return
+    tokenizer.model_max_length = limit
 
 
 def write_model_card(folder: Path, title: str, sources: dict[str, str], command: str | None, notes: list[str]) -> None:

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, MptConfig
 
 from otter.language_models import build_language_model
 
-from .folders import atomic_folder, local_folder, write_model_card
+from .folders import atomic_folder, limit_tokenizer_length, local_folder, write_model_card
 from .weights import CheckpointFiles, Take, parse_dtype, weight_files, write_model
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ def convert_mosaic_gpt(source: str, out, dtype: str = "float32", max_shard_size:
         write_model(partial, meta, plan, torch_dtype, max_shard_size)
         has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
         if has_tokenizer:
-            AutoTokenizer.from_pretrained(folder).save_pretrained(partial)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            limit_tokenizer_length(tokenizer, config)
+            tokenizer.save_pretrained(partial)
         else:
             logger.warning("%s has no tokenizer files: the output has none", folder)
         write_model_card(

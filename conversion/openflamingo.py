@@ -25,7 +25,7 @@ from otter.processing_otter import OtterProcessor
 from otter.prompts import END_OF_CHUNK, IMAGE_TOKEN
 
 from . import mosaic_gpt, open_clip
-from .folders import atomic_folder, local_file, local_folder, write_model_card
+from .folders import atomic_folder, limit_tokenizer_length, local_file, local_folder, write_model_card
 from .weights import CheckpointFiles, Take, parse_dtype, saved_names, weight_files, write_model
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ def convert_openflamingo(
                              f"{release.hidden_size})")
     text_tokenizer = AutoTokenizer.from_pretrained(local_folder(tokenizer, "tokenizer") if tokenizer else lm_folder)
     add_special_tokens(text_tokenizer)
+    limit_tokenizer_length(text_tokenizer, text_config)
 
     weights = CheckpointFiles([checkpoint])
     layers_path = decoder_layers_path(text_config.model_type)

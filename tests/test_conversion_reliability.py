@@ -1,6 +1,6 @@
 """Conversion fails cleanly and leaves nothing behind: damaged weights files and mistyped folders are named (never a
 bare EOFError or a download attempt for a local typo), an interrupted run's partial folder is cleaned up by the next,
-and outputs honour the umask."""
+outputs honour the umask, and the saved tokenizer knows the language model's length limit."""
 
 import logging
 import os
@@ -14,6 +14,7 @@ import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from otter.cli import is_user_error, main
 from otter.conversion import folders
@@ -21,10 +22,12 @@ from otter.conversion.folders import atomic_folder, local_file, local_folder
 from otter.conversion.mosaic_gpt import convert_mosaic_gpt
 from otter.conversion.openflamingo import language_model_plan
 from otter.conversion.weights import CheckpointFiles
-from otter.tiny import tiny_tokenizer
+from otter.language_models import max_positions
+from otter.tiny import TEXT_CONFIGS, tiny_tokenizer
 
 from . import mosaic_gpt_reference as mosaic
 from .conversion_fixtures import write_open_clip
+from .test_conversion import convert, release
 
 TENSORS = {"a.weight": torch.arange(2000, dtype=torch.float32).reshape(40, 50), "b.bias": torch.ones(7)}
 
@@ -251,3 +254,23 @@ def test_converted_folders_honour_the_umask(umask, folder_mode, file_mode, mosai
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(modes)
     assert modes == dict.fromkeys(modes, file_mode)
+
+
+# item 7: the tokenizer's length limit
+
+
+def test_a_converted_mosaic_gpt_tokenizer_knows_the_length_limit(mosaic_folder, tmp_path):
+    convert_mosaic_gpt(str(mosaic_folder), tmp_path / "mpt")
+    assert AutoTokenizer.from_pretrained(tmp_path / "mpt").model_max_length == mosaic.TINY_MOSAIC["max_seq_len"]
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_a_converted_openflamingo_tokenizer_knows_the_length_limit(family, tmp_path, monkeypatch):
+    vision = write_open_clip(tmp_path / "open_clip", name="tiny-vit-limit")
+    _, _, _, checkpoint, lm_folder = release(tmp_path, vision, family, 2, monkeypatch)
+    limit = max_positions(AutoConfig.from_pretrained(lm_folder))
+    assert limit == TEXT_CONFIGS[family].get("max_seq_len", TEXT_CONFIGS[family].get("max_position_embeddings"))
+    assert AutoTokenizer.from_pretrained(lm_folder).model_max_length > limit  # the source tokenizer does not know it
+    out = convert(tmp_path, vision, checkpoint, lm_folder, 2)
+    assert AutoProcessor.from_pretrained(out).tokenizer.model_max_length == limit
+    assert AutoTokenizer.from_pretrained(out).model_max_length == limit
