@@ -125,7 +125,8 @@ def test_collator_pads_right_and_counts_skipped_records(processor):
     assert torch.equal(batch["labels"][1], long["labels"])
     assert batch["pixel_values"].shape == (2, 2, 1, 3, 32, 32)
     assert not batch["pixel_values"][0].any(), "a text-only example's media slots are zeros"
-    assert collator([Skipped("malformed record", "z")]) == {"num_examples": 0, "skipped": {"malformed record": 1}}
+    assert collator([Skipped("malformed record", "z")]) == {"num_examples": 0, "skipped": {"malformed record": 1},
+                                                              "skipped_details": ["z"]}
 
 
 def test_augmentation_flips_all_images_of_an_example_reproducibly(processor):

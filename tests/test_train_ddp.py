@@ -1,7 +1,9 @@
-"""Two DDP processes (gloo, launched by `accelerate launch` with the shipped ddp.yaml) train as one process does."""
+"""Two DDP processes (gloo, launched by `accelerate launch` with the shipped ddp.yaml) train as one process does, and stop
+together when one of them must."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from otter.train.trainer import train
+from otter.train.trainer import RunLock, train
 
 from .train_fixtures import quick_config, read_metrics, save_tiny_model, write_jsonl
 
@@ -23,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_two_processes(model: Path, data: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """`otter train finetune` on two DDP processes (gloo, on the CPU), one example per process per micro-batch."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        "-m", "otter.cli", "train", "finetune", "--model", str(model), "--data", str(data), "--out", str(out),
+        "--batch-size", "1", "--schedule", "constant", "--num-workers", "0", "--seed", "42", *options,
+    ]
+    # ddp.yaml targets GPUs; ACCELERATE_USE_CPU makes each process use gloo on the CPU instead
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
@@ -37,16 +52,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     GradientState._reset_state()
 
     ddp_out = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", str(free_port()),
-        "-m", "otter.cli", "train", "finetune", "--model", str(model), "--data", str(data), "--out", str(ddp_out),
-        "--batch-size", "1", "--grad-accum", "2", "--max-steps", "3", "--lr", "1e-2", "--schedule", "constant",
-        "--train-embeddings", "--num-workers", "0", "--seed", "42",
-    ]
-    # ddp.yaml targets GPUs; ACCELERATE_USE_CPU makes each process use gloo on the CPU instead
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(model, data, ddp_out, "--grad-accum", "2", "--max-steps", "3", "--lr", "1e-2",
+                                  "--train-embeddings")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es) x batch 1 x 2 accumulation = 4 examples/step" in result.stderr
 
@@ -64,3 +71,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # in the gradients shows as ~1e-5 here, while any real difference in the updates shows as ~1e-2
     assert max(differences.values()) < 1e-4, sorted(differences.items(), key=lambda item: -item[1])[:3]
     assert any(not torch.equal(first[name], load_file(model / "model.safetensors")[name]) for name in first)
+
+
+def test_two_processes_stop_together_on_a_locked_out_and_on_data_that_trains_nothing(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data")
+    locked = tmp_path / "locked"
+    lock = RunLock(locked)
+    lock.acquire()  # another run holds the folder: only the main process looks, and the other must not wait for it
+    try:
+        result = launch_two_processes(model, data, locked, "--max-steps", "2")
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    assert result.stderr.count(f"otter: output folder {locked} is in use by another training run") == 2, \
+        result.stderr[-4000:]
+
+    moved = tmp_path / "elsewhere" / data.name  # its images stay behind: every record is skipped, on both processes
+    moved.parent.mkdir()
+    shutil.move(data, moved)
+    result = launch_two_processes(model, moved, tmp_path / "skipped", "--epochs", "3")
+    assert result.returncode != 0
+    assert result.stderr.count("otter: every record was skipped") == 2, result.stderr[-4000:]
+    assert "unreadable image: 4" in result.stderr
+    assert len(read_metrics(tmp_path / "skipped")) == 2, "stopped after the first epoch (2 steps of 2 x 1 examples)"

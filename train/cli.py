@@ -28,6 +28,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
     parser.add_argument("--save-every", type=int, help="checkpoint period in steps (default 500)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    parser.add_argument("--allow-data-change", action="store_true", default=None,
+                        help="with --resume: continue although the data files changed since the checkpoint")
+    parser.add_argument("--max-skipped-share", type=float, metavar="SHARE",
+                        help="fail the run when more than this share of the records is skipped (default 1: fail "
+                             "only when every record is)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="mixed precision (weights stay fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
                         help="recompute activations in the backward pass to save memory")

@@ -79,7 +79,8 @@ class Collator:
 
     A batch is a dict: `input_ids`, `attention_mask`, `labels` `(batch, length)` padded on the right;
     `pixel_values` `(batch, max_images, 1, C, H, W)` when any example has images (zeros for missing images);
-    `num_examples`; `skipped`, a `Counter` of reasons for the records of this batch that were dropped.
+    `num_examples`; `skipped`, a `Counter` of reasons for the records of this batch that were dropped, and
+    `skipped_details`, what was wrong with the first few of them.
     """
 
     def __init__(self, processor, max_length: int = 512, web: WebDataOptions | None = None, augment: bool = False,
@@ -145,15 +146,16 @@ class Collator:
         }
 
     def __call__(self, items: list) -> dict:
-        skipped = Counter()
+        skipped, details = Counter(), []
         encoded = []
         for item in items:
             if isinstance(item, Skipped):
                 logger.warning("skipping %s (%s)", item.detail, item.reason)
                 skipped[item.reason] += 1
+                details.append(item.detail)
             else:
                 encoded.append(item)
-        batch = {"num_examples": len(encoded), "skipped": skipped}
+        batch = {"num_examples": len(encoded), "skipped": skipped, "skipped_details": details[:3]}
         if not encoded:
             return batch
         length = max(len(item["input_ids"]) for item in encoded)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from otter.processing_otter import load_image
+from otter.processing_otter import UnreadableImageError, load_image
 from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, OTTER_CHAT, with_images
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,21 @@ def _check_turn(record, where: str) -> str | None:
     return None
 
 
-def decode_image_bytes(data: bytes) -> Image.Image:
-    """Encoded image bytes -> upright RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
-    with Image.open(io.BytesIO(data)) as opened:
-        return load_image(opened)
+def decode_image_bytes(data: bytes, name: str | None = None) -> Image.Image:
+    """
+    Encoded image bytes -> upright RGB PIL image, fully decoded (so a truncated file fails here, not later). Bytes
+    that are no readable image raise `UnreadableImageError` naming the image as `name` (e.g. its id).
+    """
+    label = "image" if name is None else f"image {name}"
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except IMAGE_ERRORS as error:
+        raise UnreadableImageError(f"{label} could not be read (not an image format PIL reads)") from error
+    with opened:
+        try:
+            return load_image(opened)
+        except UnreadableImageError as error:  # its message names the image "(in memory)": say which one it is
+            raise UnreadableImageError(f"{label} could not be read ({error.__cause__ or error})") from error
 
 
 def decode_base64(text: str | bytes) -> bytes:
@@ -128,8 +139,9 @@ class JsonlInstructions:
          "context": [{"images": ["img/dog.jpg"], "instruction": "What animal is this?", "answer": "A dog."}]}
 
     `images` (default none) are paths relative to the JSONL file; `context` (optional) lists in-context examples with
-    the same fields, placed before the query. Records are checked when the file is read: a malformed one is listed in
-    `malformed` and not trained on. Images are read when an example is asked for.
+    the same fields, placed before the query. Records are checked when the file is read: a malformed one (a line that
+    is not UTF-8 or not valid JSON included) is listed in `malformed` and not trained on; a UTF-8 byte order mark at
+    the start of the file is ignored. Images are read when an example is asked for.
     """
 
     FIELDS = {"images", "instruction", "answer", "context"}
@@ -139,17 +151,26 @@ class JsonlInstructions:
         self.examples: list[list[Turn]] = []
         self.line_numbers: list[int] = []
         self.malformed: list[Skipped] = []
-        with open(self.path, encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, 1):
-                if not line.strip():
+        with open(self.path, "rb") as lines:
+            for line_number, raw in enumerate(lines, 1):
+                turns = self._read_line(raw, line_number)
+                if turns is None:
                     continue
-                turns = self._parse(line, f"{self.path}:{line_number}")
                 if isinstance(turns, Skipped):
                     logger.warning("skipping %s (%s)", turns.detail, turns.reason)
                     self.malformed.append(turns)
                 else:
                     self.examples.append(turns)
                     self.line_numbers.append(line_number)
+
+    def _read_line(self, raw: bytes, line_number: int) -> list[Turn] | Skipped | None:
+        """The turns of one line of the file (None for a blank line)."""
+        where = f"{self.path}:{line_number}"
+        try:
+            line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            return Skipped("malformed record", f"{where}: not UTF-8 ({error})")
+        return self._parse(line, where) if line.strip() else None
 
     def _parse(self, line: str, where: str) -> list[Turn] | Skipped:
         try:
@@ -180,6 +201,11 @@ class JsonlInstructions:
             return Skipped("malformed record", problem)
         return turns
 
+    @property
+    def files(self) -> list[Path]:
+        """The files this source reads (what a resumed run checks for changes)."""
+        return [self.path]
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -190,8 +216,10 @@ class JsonlInstructions:
         for path in (path for turn in turns for path in turn.images):
             try:
                 images.append(load_image(path))
-            except IMAGE_ERRORS as error:
-                return Skipped("unreadable image", f"{key}: image {path} could not be read ({error})")
+            except IMAGE_ERRORS as error:  # load_image's UnreadableImageError names the file
+                named = isinstance(error, UnreadableImageError)
+                return Skipped("unreadable image", f"{key}: {error}" if named else
+                               f"{key}: image {path} could not be read ({error})")
         return Example(instruction_text(turns), images, INSTRUCTION, key)
 
 
@@ -242,10 +270,14 @@ class ParquetImageStore:
     CACHED_ROW_GROUPS = 4
 
     def __init__(self, path: str | os.PathLike):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = Path(path)
-        parquet = pq.ParquetFile(self.path)
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except pa.ArrowException as error:
+            raise ValueError(f"{self.path} is not a readable parquet file ({error})") from error
         names = parquet.schema_arrow.names
         id_column = "id"
         pandas_meta = (parquet.schema_arrow.metadata or {}).get(b"pandas")
@@ -318,17 +350,15 @@ class MimicItInstructions:
                 f"found {[f.name for f in found] or 'none'}"
             )
         self.images = image_store(found[0])
-        with open(self.path, encoding="utf-8") as file:
-            document = json.load(file)
+        self.train_config_path = self.path.with_name(name + "_train.json")
+        document = _read_json(self.path)
         if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
             raise ValueError(f"{self.path} is not a MIMIC-IT instruction file: expected {{'meta': ..., 'data': {{...}}}}")
         instructions = document["data"]
-        train_config_path = self.path.with_name(name + "_train.json")
-        if train_config_path.exists():
-            with open(train_config_path, encoding="utf-8") as file:
-                train_config = json.load(file)
+        if self.train_config_path.exists():
+            train_config = _read_json(self.train_config_path)
             if not isinstance(train_config, dict):
-                raise ValueError(f"{train_config_path} must map instruction ids to lists of in-context ids")
+                raise ValueError(f"{self.train_config_path} must map instruction ids to lists of in-context ids")
         else:
             train_config = {ins_id: [] for ins_id in instructions}
         self.examples: list[tuple[str, list[Turn]]] = []
@@ -362,6 +392,11 @@ class MimicItInstructions:
             turns.append(Turn(record["instruction"], record["answer"], list(image_ids)))
         return turns
 
+    @property
+    def files(self) -> list[Path]:
+        """The files this source reads: instructions, images, and the train config when there is one."""
+        return [self.path, self.images.path] + ([self.train_config_path] if self.train_config_path.exists() else [])
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -371,10 +406,23 @@ class MimicItInstructions:
         images = []
         for image_id in (image_id for turn in turns for image_id in turn.images):
             try:
-                images.append(decode_image_bytes(decode_base64(self.images.base64(image_id))))
-            except (*IMAGE_ERRORS, binascii.Error) as error:
-                return Skipped("unreadable image", f"{key}: image {image_id} could not be decoded ({error})")
+                encoded = decode_base64(self.images.base64(image_id))
+            except (binascii.Error, ValueError) as error:
+                return Skipped("unreadable image", f"{key}: image {image_id} is not base64 ({error})")
+            try:
+                images.append(decode_image_bytes(encoded, image_id))
+            except IMAGE_ERRORS as error:
+                return Skipped("unreadable image", f"{key}: {error}")
         return Example(instruction_text(turns), images, INSTRUCTION, key)
+
+
+def _read_json(path: Path):
+    """A JSON file's content; a file that is not UTF-8 JSON (a byte order mark is fine) raises a ValueError."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            return json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a UTF-8 JSON file ({error})") from error
 
 
 def instruction_source(path: str | os.PathLike) -> JsonlInstructions | MimicItInstructions:
@@ -454,9 +502,9 @@ def mmc4_example(document: dict, key: str, options: WebDataOptions, eos_token: s
         if len(raw) < options.min_image_bytes or scores[sentence] < options.similarity_threshold:
             continue
         try:
-            placed.append((sentence, order, decode_image_bytes(raw)))
+            placed.append((sentence, order, decode_image_bytes(raw, str(order))))
         except IMAGE_ERRORS as error:
-            return Skipped("unreadable image", f"{key}: image {order} could not be decoded ({error})")
+            return Skipped("unreadable image", f"{key}: {error}")
     if not placed:
         return Skipped("no usable images", f"{key}: no image passed the size and similarity filters")
     placed = sorted(placed[: options.max_images], key=lambda item: (item[0], item[1]))
@@ -479,7 +527,7 @@ def laion_example(image_bytes: bytes, caption: bytes, key: str, eos_token: str) 
     try:
         image = decode_image_bytes(image_bytes)
     except IMAGE_ERRORS as error:
-        return Skipped("unreadable image", f"{key}: image could not be decoded ({error})")
+        return Skipped("unreadable image", f"{key}: {error}")
     return Example(f"{IMAGE_TOKEN}{caption}{END_OF_CHUNK}{eos_token}", [image], PAIR, key)
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import braceexpand
 import torch
@@ -48,6 +49,10 @@ class InstructionExamples(Dataset):
         """Records rejected when the files were read (every process reads them alike)."""
         return [skipped for source in self.sources for skipped in source.malformed]
 
+    @property
+    def files(self) -> list[Path]:
+        return [path for source in self.sources for path in source.files]
+
     def __len__(self) -> int:
         return self.starts[-1]
 
@@ -62,22 +67,32 @@ class InstructionData:
     This process's micro-batches of instruction data, epoch after epoch.
 
     `batches_per_epoch` is the same on every process: the sampler pads the permutation (repeating its start) to a
-    multiple of the number of processes, as `DistributedSampler` does.
+    multiple of the number of processes, as `DistributedSampler` does; `records_per_epoch` counts the padded
+    permutation (every example once, a few twice), over all processes.
     """
 
     def __init__(self, paths: list[str], collator: Collator, batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int):
         self.examples = InstructionExamples(paths, collator)
         if len(self.examples) == 0:
-            raise ValueError(f"no usable examples in {paths} ({len(self.examples.malformed)} malformed records)")
+            malformed = self.examples.malformed
+            raise ValueError(f"no usable examples in {paths}: " + (
+                f"all {len(malformed)} records are malformed, e.g. {malformed[0].detail}" if malformed
+                else "the files hold no records"))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers = num_workers
         per_process = -(-len(self.examples) // world_size)
         self.batches_per_epoch = -(-per_process // batch_size)
+        self.records_per_epoch = per_process * world_size
 
     @property
     def malformed(self) -> list[Skipped]:
         return self.examples.malformed
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the examples come from (instruction files, MIMIC-IT's image and train-config files)."""
+        return self.examples.files
 
     def stream(self, start: int = 0) -> Iterator[dict]:
         """Micro-batches from position `start` (micro-batches since the beginning of training) on."""
@@ -171,6 +186,7 @@ class WebData:
     """This process's micro-batches of web data, endless; see `WebSamples`."""
 
     batches_per_epoch = None  # unknown without reading the shards: pretraining runs for a number of steps
+    records_per_epoch = None
 
     def __init__(self, patterns: list[str], collator: Collator, options: WebDataOptions, eos_token: str,
                  batch_size: int, seed: int, rank: int, world_size: int, num_workers: int):
@@ -188,6 +204,11 @@ class WebData:
     @property
     def malformed(self) -> list[Skipped]:
         return []
+
+    @property
+    def files(self) -> list[Path]:
+        """The local shard files (shards read from URLs or `pipe:` commands are not files here)."""
+        return [Path(shard) for shard in self.shards if "://" not in shard and not shard.startswith("pipe:")]
 
     def stream(self, start: int = 0) -> Iterator[dict]:
         samples = WebSamples(self.shards, self.collator, self.options, self.eos_token, self.seed, self.rank,

@@ -7,17 +7,25 @@ default; the new tokens' embedding rows; LoRA on the language model; or everythi
 `save_every` steps, an atomic checkpoint `checkpoints/step-N` (trained weights, optimizer, scheduler, RNG states and
 the data position) from which `resume=True` continues the very same loss curve.
 
+What would go silently wrong is refused instead: a run that skips every record (or more than `max_skipped_share` of
+them) fails, a resumed run checks that its config, data files and process count are those of the run it continues
+and loads no pickled object from the checkpoint, and an output folder takes one run at a time (`RunLock`).
+
 The loss of a step is the mean token cross-entropy over the whole global batch (all processes, all accumulated
 micro-batches), so a run gives the same updates on 1 or N processes with the same global batch.
 """
 
 import dataclasses
+import datetime
+import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import pickle
 import shutil
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -45,10 +53,16 @@ PRECISIONS = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
 LORA_OUTPUTS = ("merged", "adapter")
 CROSS_ATTENTION = "gated_cross_attn_layer"  # OpenFlamingo decays these parameters' weights, and only these
-# what may differ between a run and its resumption: how long it runs, how it reports, the precision and the lr
-# (not num_workers: web shards are dealt to processes x workers)
+# what may differ between a run and its resumption: how long it runs, how it reports, the precision and the lr, where
+# its folder is, how strict it is about skipped records and changed data (not num_workers: web shards are dealt to
+# processes x workers)
 RESUMABLE_CHANGES = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "tensorboard", "resume",
-                     "precision", "lr"}
+                     "precision", "lr", "out", "max_skipped_share", "allow_data_change"}
+# 2: the scheduler's state is JSON in trainer_state.json (format 1 pickled it in custom_checkpoint_0.pkl)
+CHECKPOINT_FORMAT = 2
+HEAD_BYTES = 1 << 20  # a data file's fingerprint hashes its first MiB
+WEB_EARLY_RECORDS = 1000  # web data: a run whose first this many records were all skipped stops
+LOCK_FILE = ".otter-train.lock"
 
 
 @dataclass
@@ -73,6 +87,9 @@ class TrainingConfig:
     max_length: tokens kept per instruction example (right truncation); web data use `web`'s OpenFlamingo options.
     augment: random horizontal flips (OpenFlamingo's augmentation); None means on for pretraining, off otherwise.
     save_every / keep_checkpoints / resume: checkpoint period, how many to keep, continue from the latest one.
+    allow_data_change: resume although the data files changed (or moved) since the checkpoint was saved.
+    max_skipped_share: the share of records that may be skipped (malformed, unreadable images, nothing left to train
+        on after truncation) before the run fails; 1.0 fails only a run that skips every record.
     """
 
     model: str | None = None
@@ -105,6 +122,8 @@ class TrainingConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = False
+    allow_data_change: bool = False
+    max_skipped_share: float = 1.0
     seed: int = 42
     num_workers: int = 2
     log_every: int = 10
@@ -136,6 +155,8 @@ class TrainingConfig:
                 f"expected lr > 0, warmup_steps >= 0, weight_decay >= 0, max_grad_norm > 0; got lr={self.lr}, "
                 f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm}"
             )
+        if not 0.0 <= self.max_skipped_share <= 1.0:
+            raise ValueError(f"max_skipped_share must be in [0, 1], got {self.max_skipped_share}")
         if self.full and self.lora:
             raise ValueError("choose full (train every parameter) or lora (adapters on the language model), not both")
         if self.freeze_vision and not self.full:
@@ -171,6 +192,10 @@ def _dataclass_from_dict(cls, values: dict, where: str):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing of that step was applied or saved."""
+
+
+class SkippedRecordsError(ValueError):
+    """The run skipped every record, or more than `max_skipped_share` of them: it would train on too little."""
 
 
 # -- the model and what trains ------------------------------------------------------------------------------------
@@ -327,6 +352,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, trainer_stat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        _honour_umask(temporary)
         if final.exists():
             raise RuntimeError(f"{final} exists already; it would be overwritten")
         os.replace(temporary, final)
@@ -337,6 +363,338 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, trainer_stat
     return final
 
 
+def _read_checkpoint(checkpoint: Path) -> dict:
+    """A checkpoint's `trainer_state.json`; a checkpoint of the older, pickling format is refused."""
+    path = checkpoint / "trainer_state.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot resume from {checkpoint}: {path} cannot be read ({error})") from error
+    pickled = sorted(str(path) for path in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if pickled or not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = f"it holds {', '.join(pickled)}" if pickled else f"its {path.name} has no format {CHECKPOINT_FORMAT}"
+        raise ValueError(
+            f"cannot resume from {checkpoint}: {found}. Checkpoints of older versions of otter.train hold the "
+            "scheduler as a pickle, and Otter unpickles nothing but tensors from a checkpoint (unpickling can run "
+            "code). Start the run again in an empty output folder"
+        )
+    return saved
+
+
+def _check_pickled_files(checkpoint: Path) -> None:
+    """
+    The files accelerate reads with `torch.load` (optimizer, RNG states, gradient scaler) must hold plain data only:
+    each is read here first with torch's `weights_only` unpickler (tensors, numbers, strings, containers, and
+    accelerate's numpy RNG-state types; nothing that runs code), and one that is anything else is named and refused.
+    (accelerate reads them with `weights_only=True` too, but skips RNG states it cannot read without a word.)
+    """
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    except ImportError:  # another accelerate: then only torch's own safe types
+        TORCH_SAFE_GLOBALS = []
+    for path in sorted(checkpoint.iterdir()):
+        if not path.is_file() or path.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"cannot resume from {checkpoint}: {path} does not hold plain tensor data, and Otter does not unpickle "
+                f"other objects from a checkpoint (unpickling can run code): {reason}"
+            ) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """
+    Gives every file in `folder` the mode a plain `open()` would: 0666 less the umask. (safetensors writes its files
+    0600, through a temporary file, so the weights of a trained folder would be private where its config is not.)
+    """
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+# -- data files, and what a resumed run checks -----------------------------------------------------------------
+def data_fingerprint(files: list[Path]) -> dict:
+    """Each file's resolved path -> its size, modification time and the SHA-256 of its first `HEAD_BYTES`."""
+    fingerprint = {}
+    for path in files:
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        with open(resolved, "rb") as file:
+            head = hashlib.sha256(file.read(HEAD_BYTES)).hexdigest()
+        fingerprint[str(resolved)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_sha256": head}
+    return fingerprint
+
+
+def _data_changes(saved: dict, current: dict) -> list[str]:
+    """What differs between two `data_fingerprint`s, file by file."""
+    def when(entry):
+        return datetime.datetime.fromtimestamp(entry["mtime_ns"] / 1e9).isoformat()
+
+    changes = []
+    for path in sorted(saved.keys() | current.keys()):
+        if path not in current:
+            changes.append(f"{path}: read by the checkpoint's run, not by this one")
+            continue
+        if path not in saved:
+            changes.append(f"{path}: read by this run, not by the checkpoint's")
+            continue
+        old, new = saved[path], current[path]
+        how = []
+        if old["size"] != new["size"]:
+            how.append(f"size {old['size']} -> {new['size']} bytes")
+        if old["head_sha256"] != new["head_sha256"]:
+            how.append(f"the content of its first {HEAD_BYTES / 2**20:g} MiB differs")
+        if old["mtime_ns"] != new["mtime_ns"]:
+            how.append(f"modified {when(old)} -> {when(new)}")
+        if how:
+            changes.append(f"{path}: {', '.join(how)}")
+    return changes
+
+
+def _check_data(files: list[Path], saved: dict | None, config: TrainingConfig, checkpoint: Path | None) -> dict:
+    """The data files' fingerprint; when resuming, files that changed since the checkpoint are refused (or logged)."""
+    current = data_fingerprint(files)
+    changes = _data_changes(saved.get("data_files") or {}, current) if saved is not None else []
+    if changes and not config.allow_data_change:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the data changed since it was saved ({'; '.join(changes)}). The run "
+            "continues from a position in the data as it was; pass --allow-data-change (allow_data_change) to "
+            "resume anyway"
+        )
+    if changes:
+        logger.warning("resuming from %s although the data changed (allow_data_change): %s", checkpoint,
+                       "; ".join(changes))
+    return current
+
+
+def _resolved(path: str) -> str:
+    """A local path made absolute, symbolic links resolved; URLs and `pipe:` commands as they are."""
+    if "://" in path or path.startswith("pipe:"):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _checkpoint_config(config: TrainingConfig) -> dict:
+    """
+    The config as a checkpoint records it: model and data paths resolved (so that a run compares files, not how
+    they were typed), and without `out`, the run folder itself, which may be moved.
+    """
+    recorded = dataclasses.asdict(config)
+    del recorded["out"]
+    recorded["data"] = [_resolved(path) for path in config.data]
+    if Path(config.model).expanduser().exists():
+        recorded["model"] = _resolved(config.model)
+    return recorded
+
+
+def _check_resumable(saved: dict, config: TrainingConfig, checkpoint: Path, num_processes: int) -> None:
+    current = _checkpoint_config(config)
+    free = RESUMABLE_CHANGES | ({"data"} if config.allow_data_change else set())
+    changed = sorted(name for name in current if name not in free and saved["config"].get(name) != current[name])
+    if changed:
+        details = ", ".join(f"{name}: {saved['config'].get(name)!r} -> {current[name]!r}" for name in changed)
+        raise ValueError(
+            f"cannot resume {checkpoint} with a different run ({details}); only {sorted(RESUMABLE_CHANGES)} may change"
+        )
+    if saved["num_processes"] != num_processes:
+        raise ValueError(
+            f"{checkpoint} was saved by {saved['num_processes']} process(es); resume it with as many "
+            f"(this launch has {num_processes}): the data order and RNG states are per process"
+        )
+
+
+# -- one run per output folder ----------------------------------------------------------------------------------
+class RunLock:
+    """
+    One training run per output folder: an exclusive `flock` on `out/.otter-train.lock`, a file holding the pid and
+    host of the run that holds it. The operating system drops the lock when that process ends, however it ends, so
+    a lock file nobody holds is what a killed run left: it is taken over, with a warning. `release` removes it.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self.file = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            logger.warning("cannot lock %s on this system: make sure no other run writes there", self.path.parent)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            file = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "a process that has not written its pid yet"
+                file.close()
+                raise ValueError(
+                    f"output folder {self.path.parent} is in use by another training run ({holder}); wait for it to "
+                    "end, or choose another output folder"
+                ) from None
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
+                break
+            file.close()  # its holder removed the file between our open and our lock: lock the new one
+        file.seek(0)
+        stale = file.read().strip()
+        if stale:
+            logger.warning("%s: taking over the lock of a training run that is no longer running (%s)",
+                           self.path.parent, stale)
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
+            self.file = None
+
+
+def _main_process_decides(accelerator: Accelerator, work):
+    """
+    Runs `work` on the main process only and returns its result there (None elsewhere). When it fails with a user
+    error (ValueError, OSError), every process raises it, so that none waits for the main one at the next collective.
+    """
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except (ValueError, OSError) as error:
+            failure = error
+    message = [None if failure is None else str(failure)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise ValueError(message[0])
+    return result
+
+
+# -- records not trained on -------------------------------------------------------------------------------------
+def _percent(share: float) -> str:
+    return f"{share * 100:.3g}%"
+
+
+class _SkippedRecords:
+    """
+    Whether the run trains on enough of its data. It counts, on all processes, the records of the run's first pass
+    over the data (instruction data: the first epoch, in which each record comes up once; web data: every record) that
+    were trained on and skipped, with the malformed records found when the files were read, and stops the run with a
+    `SkippedRecordsError` on every process at once (the counts are global, so all decide alike) when it would train
+    on nothing, or skip more than `max_skipped_share`: as soon as that is certain, when the first epoch is done, and
+    at the end. Web data whose first `WEB_EARLY_RECORDS` records were all skipped stop too.
+
+    The skipped share is `1 - (records read well / records read) * (trained / came up in training)`: for a whole epoch,
+    the share of the data's records that are not trained on.
+    """
+
+    def __init__(self, config: TrainingConfig, data, total_steps: int, num_processes: int, saved: dict | None):
+        self.limit, self.grad_accum = config.max_skipped_share, config.grad_accum
+        self.malformed = data.malformed
+        self.read_well = len(data.examples) if isinstance(data, InstructionData) else 0
+        self.read = self.read_well + len(self.malformed)
+        self.first_pass_batches = data.batches_per_epoch  # None: web data, where every micro-batch counts
+        planned = total_steps * config.grad_accum * config.batch_size * num_processes
+        self.planned = planned if data.records_per_epoch is None else min(planned, data.records_per_epoch)
+        first_pass = (saved or {}).get("first_pass", {})
+        self.examples, self.skipped = first_pass.get("examples", 0), first_pass.get("skipped", 0)
+        self.reasons_before = Counter(first_pass.get("reasons", {}))
+        self.reasons, self.details = Counter(), []  # this process's, since the run (re)started
+        self.step_counts = [0, 0]
+        self.decided = False
+
+    def count(self, batch: dict, position: int) -> None:
+        """Counts a micro-batch of this process, at `position` micro-batches from the start of training."""
+        if self.first_pass_batches is not None and position >= self.first_pass_batches:
+            return
+        self.step_counts[0] += batch["num_examples"]
+        self.step_counts[1] += sum(batch["skipped"].values())
+        self.reasons.update(batch["skipped"])
+        self.details += batch["skipped_details"][: 3 - len(self.details)]
+
+    def take_step_counts(self) -> list[int]:
+        """This process's first-pass (examples, skipped) since the last call: reduce them and pass them to `add`."""
+        counts, self.step_counts = self.step_counts, [0, 0]
+        return counts
+
+    def add(self, examples: float, skipped: float) -> None:
+        self.examples += int(examples)
+        self.skipped += int(skipped)
+
+    def check(self, step: int, end: bool = False) -> None:
+        """A collective: every process calls it after the same step (`end`: the run's last)."""
+        if self.decided:
+            return
+        first_pass_done = self.first_pass_batches is not None and step * self.grad_accum >= self.first_pass_batches
+        problem = self._problem(final=end or first_pass_done)
+        self.decided = first_pass_done
+        if problem is not None:
+            self._fail(problem)
+
+    def _usable(self) -> float:
+        return self.read_well / self.read if self.read else 1.0
+
+    def _problem(self, final: bool) -> str | None:
+        seen = self.examples + self.skipped
+        if self.limit < 1 and self.planned:
+            # the share this run skips at the least, whatever its records still to come hold
+            least = 1 - self._usable() * (self.planned - self.skipped) / self.planned
+            if least > self.limit:
+                return self._share(least, f"{self.skipped} of the {self.planned} records this run reads were skipped "
+                                          "already")
+        if final and seen and self.examples == 0:
+            malformed = (f", and {len(self.malformed)} of the {self.read} records in the data files are malformed"
+                         if self.malformed else "")
+            return (f"every record was skipped, so this run trains nothing: none of the {seen} records that came up in "
+                    f"training could be used{malformed}")
+        if final and seen and self.limit < 1:
+            share = 1 - self._usable() * self.examples / seen
+            if share > self.limit:
+                return self._share(share, f"{self.skipped} of the {seen} records that came up in training were skipped")
+        if self.first_pass_batches is None and self.examples == 0 and seen >= WEB_EARLY_RECORDS:
+            return f"the first {seen} records were all skipped, so this run would train nothing"
+        return None
+
+    def _share(self, share: float, in_training: str) -> str:
+        parts = [f"{len(self.malformed)} of the {self.read} records in the data files are malformed"] \
+            if self.malformed else []
+        if self.skipped:
+            parts.append(in_training)
+        return (f"{_percent(share)} of the records were skipped, more than max_skipped_share "
+                f"({_percent(self.limit)}) allows: {'; '.join(parts)}")
+
+    def _fail(self, problem: str) -> None:
+        reasons = Counter(skipped.reason for skipped in self.malformed) + self.reasons_before
+        details = [skipped.detail for skipped in self.malformed[:3]]
+        for part in gather_object([{"reasons": dict(self.reasons), "details": self.details}]):
+            reasons.update(part["reasons"])
+            details += part["details"]
+        listed = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
+        raise SkippedRecordsError(f"{problem}. Skipped ({listed}), for example: {'; '.join(details[:3])}. The log "
+                                  "names every skipped record; --max-skipped-share sets the share a run may skip")
+
+    def state(self, gathered_reasons: Counter) -> dict:
+        return {"examples": self.examples, "skipped": self.skipped,
+                "reasons": dict(self.reasons_before + gathered_reasons)}
+
+
 # -- the run ------------------------------------------------------------------------------------------------------
 def _check_output_folder(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, if any; refuses to write into a used folder without `resume`."""
@@ -345,19 +703,9 @@ def _check_output_folder(out: Path, resume: bool) -> Path | None:
         if not found:
             logger.warning("resume: no checkpoint in %s, starting from the beginning", out / "checkpoints")
         return found[-1] if found else None
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(entry.name != LOCK_FILE for entry in out.iterdir()):
         raise ValueError(f"output folder {out} is not empty: pass resume to continue its run, or choose another folder")
     return None
-
-
-def _check_resumable(saved: dict, config: TrainingConfig, checkpoint: Path) -> None:
-    current = dataclasses.asdict(config)
-    changed = sorted(name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name])
-    if changed:
-        details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
-        raise ValueError(
-            f"cannot resume {checkpoint} with a different run ({details}); only {sorted(RESUMABLE_CHANGES)} may change"
-        )
 
 
 def _build_data(config: TrainingConfig, processor, accelerator: Accelerator):
@@ -406,22 +754,24 @@ def _model_to_train(config: TrainingConfig):
     return configure_training(model, config, new_tokens), processor
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, config: TrainingConfig, optimizer, scheduler):
-    """Loads `checkpoint` (weights, optimizer, scheduler, RNG) and returns its step and skip counts."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    _check_resumable(saved["config"], config, checkpoint)
-    if saved["num_processes"] != accelerator.num_processes:
-        raise ValueError(
-            f"{checkpoint} was saved by {saved['num_processes']} process(es); resume it with as many "
-            f"(this launch has {accelerator.num_processes}): the data order and RNG states are per process"
-        )
+def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, saved: dict, config: TrainingConfig, optimizer,
+                     scheduler) -> None:
+    """Loads `checkpoint` (weights, optimizer, RNG states; the scheduler from its JSON state), unpickling no object."""
+    _check_pickled_files(checkpoint)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        logger.warning("resuming under %s, whose own checkpoint files are read with pickle: resume only checkpoints "
+                       "you trust (see train/README.md)", accelerator.distributed_type)
     accelerator.load_state(checkpoint)
+    scheduler_state = saved.get("scheduler")
+    if not isinstance(scheduler_state, dict) or set(scheduler_state) != set(scheduler.state_dict()):
+        raise ValueError(f"cannot resume from {checkpoint}: its scheduler state {scheduler_state!r} is not the state "
+                         f"of this run's {config.schedule} schedule")
+    scheduler.load_state_dict(json.loads(json.dumps(scheduler_state)))  # a copy: load_state_dict pops from it
     if saved["config"]["lr"] != config.lr:  # the new peak lr, at the schedule's current point
         scheduler.base_lrs = [config.lr] * len(scheduler.base_lrs)
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = config.lr * factor(scheduler.last_epoch)
     logger.info("resumed from %s at step %d", checkpoint, saved["step"])
-    return saved["step"], Counter(saved["skipped"])
 
 
 def train(config: TrainingConfig) -> Path:
@@ -437,15 +787,29 @@ def train(config: TrainingConfig) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     _configure_backend(accelerator, config)
+    lock = RunLock(out) if accelerator.is_main_process else None
+    try:
+        _main_process_decides(accelerator, lambda: lock.acquire())
+        return _run(config, accelerator, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
     main = accelerator.is_main_process
     resume_from = _check_output_folder(out, config.resume)
     accelerator.wait_for_everyone()  # every process looked at `out` before anything is written there
+    saved = _read_checkpoint(resume_from) if resume_from is not None else None
+    if saved is not None:
+        _check_resumable(saved, config, resume_from, accelerator.num_processes)
     set_seed(config.seed)
 
     trained, processor = _model_to_train(config)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
     data = _build_data(config, processor, accelerator)
+    data_files = _main_process_decides(accelerator, lambda: _check_data(data.files, saved, config, resume_from))
     total_steps = _total_steps(config, data.batches_per_epoch)
     optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
     scheduler = get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=config.warmup_steps,
@@ -456,18 +820,20 @@ def train(config: TrainingConfig) -> Path:
             f"the launch configuration accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
             f"grad_accum is {config.grad_accum}; leave gradient_accumulation_steps out of the launch configuration"
         )
-    # the scheduler steps once per optimizer step: not prepared (accelerate would step it once per process)
-    accelerator.register_for_checkpointing(scheduler)
+    # the scheduler steps once per optimizer step: not prepared (accelerate would step it once per process), nor
+    # registered with accelerate (which pickles it): its state is JSON in trainer_state.json
     accelerator.register_save_state_pre_hook(_keep_trainable_weights)
     accelerator.register_load_state_pre_hook(_load_trainable_weights)
 
     step, skipped_before = 0, Counter()
-    if resume_from is not None:
-        step, skipped_before = _resume(accelerator, resume_from, config, optimizer, scheduler)
+    if saved is not None:
+        _load_checkpoint(accelerator, resume_from, saved, config, optimizer, scheduler)
+        step, skipped_before = saved["step"], Counter(saved["skipped"])
 
     malformed = Counter(skipped.reason for skipped in data.malformed)
+    records = _SkippedRecords(config, data, total_steps, accelerator.num_processes, saved)
+    records.check(step)  # the malformed records alone may be too many
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         logger.info(
             "training %s parameters of %s for %d steps: %d process(es) x batch %d x %d accumulation = %d examples/step",
             f"{trainable:,}", config.model, total_steps, accelerator.num_processes, config.batch_size,
@@ -477,7 +843,11 @@ def train(config: TrainingConfig) -> Path:
             logger.warning("%d malformed records in the data files are not trained on", sum(malformed.values()))
     if config.tensorboard:
         accelerator.init_trackers("logs", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    metrics = _MetricsFile(out / "metrics.jsonl", keep_until=step) if main else None
+    metrics = _main_process_decides(accelerator, lambda: _MetricsFile(out / "metrics.jsonl", keep_until=step))
+
+    def trainer_state() -> dict:
+        return _trainer_state(step, config, skipped_before, skipped, records, accelerator.num_processes,
+                              scheduler, data_files)
 
     skipped = Counter()
     stream = data.stream(start=step * config.grad_accum)
@@ -487,11 +857,14 @@ def train(config: TrainingConfig) -> Path:
     while step < total_steps:
         started = time.perf_counter()
         group = [next(stream) for _ in range(config.grad_accum)]
-        for batch in group:
+        for index, batch in enumerate(group):
             skipped.update(batch["skipped"])
+            records.count(batch, step * config.grad_accum + index)
         local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["num_examples"]),
-                              sum(b["num_examples"] for b in group)], device=accelerator.device)
-        tokens, examples = accelerator.reduce(local, "sum").tolist()
+                              sum(b["num_examples"] for b in group), *records.take_step_counts()],
+                             device=accelerator.device)
+        tokens, examples, first_pass_examples, first_pass_skipped = accelerator.reduce(local, "sum").tolist()
+        records.add(first_pass_examples, first_pass_skipped)
         loss_sum = torch.zeros((), device=accelerator.device)
         for batch in group:
             with accelerator.accumulate(trained):
@@ -540,14 +913,16 @@ def train(config: TrainingConfig) -> Path:
         if main and (step % config.log_every == 0 or step == total_steps):
             logger.info("step %d/%d loss %s lr %.2e %.1f samples/s", step, total_steps,
                         "-" if loss is None else f"{loss:.4f}", lr, samples_per_s)
+        records.check(step)
         if step % config.save_every == 0:
-            trainer_state = _trainer_state(step, config, skipped_before, skipped, accelerator.num_processes)
-            save_checkpoint(accelerator, out, step, trainer_state, config.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, trainer_state(), config.keep_checkpoints)
     bar.close()
 
-    state = _trainer_state(step, config, skipped_before, skipped, accelerator.num_processes)
-    state["malformed_when_read"] = dict(malformed)
-    _save_output(accelerator, trained, processor, config, out, state)
+    records.check(step, end=True)
+    state = trainer_state()
+    summary = {"step": step, "num_processes": accelerator.num_processes, "skipped": state["skipped"],
+               "malformed_when_read": dict(malformed), "config": dataclasses.asdict(config)}
+    _save_output(accelerator, trained, processor, config, out, summary)
     if main:
         counts = Counter(state["skipped"]) + malformed
         if counts:
@@ -563,24 +938,51 @@ def _to_device(batch: dict, device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def _trainer_state(step: int, config: TrainingConfig, before: Counter, local: Counter, num_processes: int) -> dict:
+def _trainer_state(step: int, config: TrainingConfig, before: Counter, local: Counter, records: _SkippedRecords,
+                   num_processes: int, scheduler, data_files: dict | None) -> dict:
     """
     What a checkpoint records besides the tensors: the step (hence the data position: `step * grad_accum`
-    micro-batches per process), the records skipped while training, on all processes, and the config.
+    micro-batches per process), the records skipped while training, on all processes (in all, and in the first pass
+    over the data), the scheduler's state, the data files' fingerprint, and the config (see `_checkpoint_config`).
     """
-    skipped = Counter(before)
-    for counts in gather_object([dict(local)]):  # a collective: every process calls this at the same step
-        skipped.update(counts)
-    return {"step": step, "num_processes": num_processes, "skipped": dict(skipped),
-            "config": dataclasses.asdict(config)}
+    skipped, first_pass = Counter(before), Counter()
+    # a collective: every process calls this at the same step
+    for counts in gather_object([{"skipped": dict(local), "first_pass": dict(records.reasons)}]):
+        skipped.update(counts["skipped"])
+        first_pass.update(counts["first_pass"])
+    scheduler_state = scheduler.state_dict()
+    if json.loads(json.dumps(scheduler_state)) != scheduler_state:
+        raise TypeError(f"the scheduler's state is not plain JSON data: {scheduler_state!r}")
+    return {"format": CHECKPOINT_FORMAT, "step": step, "num_processes": num_processes, "skipped": dict(skipped),
+            "first_pass": records.state(first_pass), "scheduler": scheduler_state, "data_files": data_files,
+            "config": _checkpoint_config(config)}
 
 
 class _MetricsFile:
-    """`metrics.jsonl`, one JSON line per optimizer step; on resume, lines past the checkpoint are dropped."""
+    """
+    `metrics.jsonl`, one JSON line per optimizer step; on resume, lines past the checkpoint are dropped, and so is an
+    incomplete last line (the run stopped while writing it). A line in the middle that is not JSON is damage.
+    """
 
     def __init__(self, path: Path, keep_until: int):
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_until]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+        written = [number for number, line in enumerate(lines, 1) if line.strip()]
+        kept = []
+        for number in written:
+            try:
+                record = json.loads(lines[number - 1])
+                step = record["step"] if isinstance(record, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                step = None
+            if not isinstance(step, int):
+                if number == written[-1]:
+                    logger.warning("%s: dropping its incomplete last line %d (the run stopped while writing it)",
+                                   path, number)
+                    continue
+                raise ValueError(f"{path}: line {number} is not valid JSON with a step; only the last line may be cut "
+                                 "short (by a run that stopped while writing it). Repair or remove that line to resume")
+            if step <= keep_until:
+                kept.append(lines[number - 1])
         path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
 
@@ -589,7 +991,7 @@ class _MetricsFile:
         self.file.flush()
 
 
-def _save_output(accelerator: Accelerator, trained, processor, config: TrainingConfig, out: Path, state: dict):
+def _save_output(accelerator: Accelerator, trained, processor, config: TrainingConfig, out: Path, summary: dict):
     """The final Otter folder: written beside `out` in a temporary folder, then its files moved into `out`."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(trained)
@@ -605,7 +1007,8 @@ def _save_output(accelerator: Accelerator, trained, processor, config: TrainingC
         else:
             unwrapped.save_pretrained(temporary, state_dict=state_dict)
         processor.save_pretrained(temporary)
-        (temporary / "training_summary.json").write_text(json.dumps(state, indent=2))
+        (temporary / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        _honour_umask(temporary)
         for entry in temporary.iterdir():
             destination = out / entry.name
             if destination.is_dir():
@@ -615,5 +1018,5 @@ def _save_output(accelerator: Accelerator, trained, processor, config: TrainingC
     accelerator.wait_for_everyone()
 
 
-__all__ = ["TrainingConfig", "train", "NonFiniteLossError", "add_answer_token", "configure_training",
-           "parameter_groups", "save_checkpoint", "checkpoints_in"]
+__all__ = ["TrainingConfig", "train", "NonFiniteLossError", "SkippedRecordsError", "RunLock", "add_answer_token",
+           "configure_training", "parameter_groups", "save_checkpoint", "checkpoints_in", "data_fingerprint"]
