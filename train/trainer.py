@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -384,20 +385,15 @@ def _read_checkpoint(checkpoint: Path) -> dict:
 def _check_pickled_files(checkpoint: Path) -> None:
     """
     The files accelerate reads with `torch.load` (optimizer, RNG states, gradient scaler) must hold plain data only:
-    each is read here first with torch's `weights_only` unpickler (tensors, numbers, strings, containers, and
-    accelerate's numpy RNG-state types; nothing that runs code), and one that is anything else is named and refused.
-    (accelerate reads them with `weights_only=True` too, but skips RNG states it cannot read without a word.)
+    each is read here first as accelerate reads it, with torch's `weights_only` unpickler (tensors, numbers, strings,
+    containers, and the numpy types of RNG states; nothing that runs code), and one that needs more is named and
+    refused. (accelerate would refuse it too, but skips RNG states it cannot read without a word.)
     """
-    try:
-        from accelerate.utils.other import TORCH_SAFE_GLOBALS
-    except ImportError:  # another accelerate: then only torch's own safe types
-        TORCH_SAFE_GLOBALS = []
     for path in sorted(checkpoint.iterdir()):
         if not path.is_file() or path.suffix not in (".bin", ".pkl", ".pt"):
             continue
-        try:
-            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
+        try:  # mmap: the tensors themselves are not read
+            accelerate_load(path, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(
@@ -407,9 +403,13 @@ def _check_pickled_files(checkpoint: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it: put it back at once
-    os.umask(mask)
-    return mask
+    try:  # Linux says it without changing it
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere, reading it means setting it: put it back at once
+        os.umask(mask)
+        return mask
 
 
 def _honour_umask(folder: Path) -> None:
@@ -678,7 +678,8 @@ class _SkippedRecords:
         if self.skipped:
             parts.append(in_training)
         return (f"{_percent(share)} of the records were skipped, more than max_skipped_share "
-                f"({_percent(self.limit)}) allows: {'; '.join(parts)}")
+                f"({_percent(self.limit)}) allows: {'; '.join(parts)} (--max-skipped-share sets the share a run may "
+                "skip)")
 
     def _fail(self, problem: str) -> None:
         reasons = Counter(skipped.reason for skipped in self.malformed) + self.reasons_before
@@ -687,8 +688,8 @@ class _SkippedRecords:
             reasons.update(part["reasons"])
             details += part["details"]
         listed = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
-        raise SkippedRecordsError(f"{problem}. Skipped ({listed}), for example: {'; '.join(details[:3])}. The log "
-                                  "names every skipped record; --max-skipped-share sets the share a run may skip")
+        examples = f", for example: {'; '.join(details[:3])}" if details else ""
+        raise SkippedRecordsError(f"{problem}. Skipped ({listed}){examples}. The log names every skipped record")
 
     def state(self, gathered_reasons: Counter) -> dict:
         return {"examples": self.examples, "skipped": self.skipped,
@@ -851,72 +852,74 @@ def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
 
     skipped = Counter()
     stream = data.stream(start=step * config.grad_accum)
-    bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"otter train ({config.objective})",
-               dynamic_ncols=True)
-    trained.train()
-    while step < total_steps:
-        started = time.perf_counter()
-        group = [next(stream) for _ in range(config.grad_accum)]
-        for index, batch in enumerate(group):
-            skipped.update(batch["skipped"])
-            records.count(batch, step * config.grad_accum + index)
-        local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["num_examples"]),
-                              sum(b["num_examples"] for b in group), *records.take_step_counts()],
-                             device=accelerator.device)
-        tokens, examples, first_pass_examples, first_pass_skipped = accelerator.reduce(local, "sum").tolist()
-        records.add(first_pass_examples, first_pass_skipped)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in group:
-            with accelerator.accumulate(trained):
-                if batch["num_examples"]:
-                    batch_loss = token_loss_sum(trained, _to_device(batch, accelerator.device))
-                    # accelerate divides by grad_accum and DDP averages over processes: undo both, so the gradient
-                    # is that of the mean over the global batch's tokens
-                    scale = accelerator.num_processes * config.grad_accum / max(tokens, 1)
-                    accelerator.backward(batch_loss * scale)
-                    loss_sum += batch_loss.detach()
-                else:  # every record of this micro-batch was skipped; DDP, FSDP and DeepSpeed still expect a
-                    # forward and a backward from this process: a one-token forward, with a zero loss
-                    padding = torch.full((1, 1), processor.tokenizer.pad_token_id, device=accelerator.device)
-                    logits = trained(input_ids=padding, attention_mask=torch.ones_like(padding), use_cache=False).logits
-                    accelerator.backward(logits.sum() * 0.0)
-        loss = accelerator.reduce(loss_sum, "sum").item() / tokens if tokens else None  # None: nothing to learn
-        if loss is not None and not math.isfinite(loss):
-            last = checkpoints_in(out)
-            raise NonFiniteLossError(
-                f"the loss is {loss} at step {step + 1}; training stopped before applying it. "
-                + (f"The last good checkpoint is {last[-1]}: continue from it with --resume (a lower --lr, or "
-                   "--precision bf16 instead of fp16, often helps)." if last else "No checkpoint was saved yet.")
-            )
-        grad_norm = None
-        if tokens:
-            grad_norm = accelerator.clip_grad_norm_(trained.parameters(), config.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-        else:
-            logger.warning("step %d: every record of the global batch was skipped; no update", step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"otter train ({config.objective})",
+                    dynamic_ncols=True)
+    with progress as bar:  # closed also when the run stops with an error, whose message then starts a line
+        trained.train()
+        while step < total_steps:
+            started = time.perf_counter()
+            group = [next(stream) for _ in range(config.grad_accum)]
+            for index, batch in enumerate(group):
+                skipped.update(batch["skipped"])
+                records.count(batch, step * config.grad_accum + index)
+            labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["num_examples"])
+            local = torch.tensor([labelled, sum(b["num_examples"] for b in group), *records.take_step_counts()],
+                                 device=accelerator.device)
+            tokens, examples, first_pass_examples, first_pass_skipped = accelerator.reduce(local, "sum").tolist()
+            records.add(first_pass_examples, first_pass_skipped)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in group:
+                with accelerator.accumulate(trained):
+                    if batch["num_examples"]:
+                        batch_loss = token_loss_sum(trained, _to_device(batch, accelerator.device))
+                        # accelerate divides by grad_accum and DDP averages over processes: undo both, so the gradient
+                        # is that of the mean over the global batch's tokens
+                        scale = accelerator.num_processes * config.grad_accum / max(tokens, 1)
+                        accelerator.backward(batch_loss * scale)
+                        loss_sum += batch_loss.detach()
+                    else:  # every record of this micro-batch was skipped; DDP, FSDP and DeepSpeed still expect a
+                        # forward and a backward from this process: a one-token forward, with a zero loss
+                        padding = torch.full((1, 1), processor.tokenizer.pad_token_id, device=accelerator.device)
+                        logits = trained(input_ids=padding, attention_mask=torch.ones_like(padding),
+                                         use_cache=False).logits
+                        accelerator.backward(logits.sum() * 0.0)
+            loss = accelerator.reduce(loss_sum, "sum").item() / tokens if tokens else None  # None: nothing to learn
+            if loss is not None and not math.isfinite(loss):
+                last = checkpoints_in(out)
+                raise NonFiniteLossError(
+                    f"the loss is {loss} at step {step + 1}; training stopped before applying it. "
+                    + (f"The last good checkpoint is {last[-1]}: continue from it with --resume (a lower --lr, or "
+                       "--precision bf16 instead of fp16, often helps)." if last else "No checkpoint was saved yet.")
+                )
+            grad_norm = None
+            if tokens:
+                grad_norm = accelerator.clip_grad_norm_(trained.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+            else:
+                logger.warning("step %d: every record of the global batch was skipped; no update", step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        lr = scheduler.get_last_lr()[0]
-        samples_per_s = examples / (time.perf_counter() - started)
-        bar.update(1)
-        bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
-        record = {"step": step, "loss": loss, "lr": lr, "examples": int(examples), "tokens": int(tokens),
-                  "samples_per_s": samples_per_s,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
-        if metrics is not None:
-            metrics.write(record)
-        if config.tensorboard:
-            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
-        if main and (step % config.log_every == 0 or step == total_steps):
-            logger.info("step %d/%d loss %s lr %.2e %.1f samples/s", step, total_steps,
-                        "-" if loss is None else f"{loss:.4f}", lr, samples_per_s)
-        records.check(step)
-        if step % config.save_every == 0:
-            save_checkpoint(accelerator, out, step, trainer_state(), config.keep_checkpoints)
-    bar.close()
+            lr = scheduler.get_last_lr()[0]
+            samples_per_s = examples / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
+                            samples_s=f"{samples_per_s:.1f}")
+            record = {"step": step, "loss": loss, "lr": lr, "examples": int(examples), "tokens": int(tokens),
+                      "samples_per_s": samples_per_s,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None}
+            if metrics is not None:
+                metrics.write(record)
+            if config.tensorboard:
+                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+            if main and (step % config.log_every == 0 or step == total_steps):
+                logger.info("step %d/%d loss %s lr %.2e %.1f samples/s", step, total_steps,
+                            "-" if loss is None else f"{loss:.4f}", lr, samples_per_s)
+            records.check(step)
+            if step % config.save_every == 0:
+                save_checkpoint(accelerator, out, step, trainer_state(), config.keep_checkpoints)
 
     records.check(step, end=True)
     state = trainer_state()
