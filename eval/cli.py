@@ -14,7 +14,7 @@ def run(args) -> None:
 
     from otter import OtterForConditionalGeneration, OtterProcessor
 
-    from .evaluator import evaluate
+    from .evaluator import Evaluation
     from .tasks import get_task
 
     task = get_task(args.task)
@@ -24,23 +24,49 @@ def run(args) -> None:
         task = dataclasses.replace(task, generation={**task.generation, **overrides})
     elif args.num_beams is not None or args.max_new_tokens is not None:
         raise ValueError(f"--num-beams and --max-new-tokens apply to generation tasks; {task.name} ranks class names")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.rices_encoder is not None:
+        if not args.rices:
+            raise ValueError("--rices-encoder is the encoder of --rices; add --rices, or leave --rices-encoder out")
+        encoder = Path(args.rices_encoder)
+        if not encoder.is_dir():
+            raise ValueError(f"--rices-encoder {encoder} {'is not a folder' if encoder.exists() else 'does not exist'}; "
+                             "expected a transformers CLIP folder")
+    device = _device(args.device)
+    # the data, the images the run shows and --out are checked before the model is loaded (minutes, on a large one)
+    evaluation = Evaluation(
+        task, data_dir=args.data_dir, out=args.out, shots=args.shots, trials=args.trials, seed=args.seed,
+        rices=args.rices, rices_cache=args.rices_cache, batch_size=args.batch_size, num_samples=args.num_samples,
+        query_set_size=args.query_set_size,
+    )
     dtype = getattr(torch, args.dtype)
-    model_dir = Path(args.model).resolve()  # the results' settings name the model; a resumed run must match
+    model_dir = Path(args.model).resolve()  # recorded in the results; resuming checks the weights themselves
     model = OtterForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     processor = OtterProcessor.from_pretrained(model_dir)
     rices_encoder = None
     if args.rices_encoder is not None:
         rices_encoder = (CLIPVisionModelWithProjection.from_pretrained(args.rices_encoder, dtype=dtype).to(device),
                          CLIPImageProcessor.from_pretrained(args.rices_encoder))
-    evaluate(
-        model, processor, task, data_dir=args.data_dir, out=args.out, shots=args.shots, trials=args.trials,
-        seed=args.seed, rices=args.rices, rices_encoder=rices_encoder, rices_cache=args.rices_cache,
-        batch_size=args.batch_size, num_samples=args.num_samples, query_set_size=args.query_set_size,
-    )
+    evaluation.run(model, processor, rices_encoder=rices_encoder)
     out = Path(args.out)
     print(out.with_suffix(".md").read_text(encoding="utf-8"), end="")
     print(f"\nresults: {out}  summary: {out.with_suffix('.md')}  per-sample log: {out.with_suffix('.samples.jsonl')}")
+
+
+def _device(name: str | None):
+    """`--device`, checked before anything is loaded onto it: default cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def register(commands) -> None:

@@ -57,7 +57,10 @@ def _require(path: Path, what: str) -> Path:
 
 def _read_json(path: Path, what: str):
     with open(_require(path, what), encoding="utf-8") as file:
-        return json.load(file)
+        try:
+            return json.load(file)
+        except ValueError as error:  # not JSON, or not UTF-8
+            raise ValueError(f"{what} {path} is not a JSON file ({error})") from None
 
 
 def _unique_ids(examples: list[Example], source: Path) -> list[Example]:
@@ -192,10 +195,13 @@ def _hateful_memes_split(data_dir: Path, name: str) -> list[Example]:
     path = _require(data_dir / name, "HatefulMemes annotations")
     examples = []
     with open(path, encoding="utf-8") as file:
-        for line in file:
+        for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{path} line {number} is not valid JSON ({error})") from None
             if record.get("label") not in (0, 1):
                 raise ValueError(f"{path}: sample {record.get('id')!r} has label {record.get('label')!r}; expected 0 or 1 "
                                  "(the unlabelled test files cannot be evaluated)")

@@ -7,6 +7,7 @@ inference, so that a resumed run gives every sample the demonstrations it would 
 """
 
 import hashlib
+import json
 import logging
 import random
 from pathlib import Path
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from otter.processing_otter import load_image
+
+from .fingerprint import json_default, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +61,9 @@ class ImageEmbedder:
 
     `vision_model` is a transformers `CLIPVisionModelWithProjection` (its `image_embeds`, CLIP's joint space, as
     OpenFlamingo's RICES uses) or a `CLIPVisionModel` (its `pooler_output`, the post-LayerNorm CLS token: what an Otter
-    model's own vision tower offers offline). The cache file is named by a hash of the encoder (class, config and
-    patch-embedding weights) and of the image paths, so it is reused exactly when both match.
+    model's own vision tower offers offline). The cache file is named by a hash of the encoder (class, config, a
+    fingerprint of all its weights, the image processor's settings) and of the image paths, so it is reused exactly
+    when both match.
     """
 
     def __init__(self, vision_model, image_processor, cache_dir: str | Path, batch_size: int = 64):
@@ -69,8 +73,8 @@ class ImageEmbedder:
         self.batch_size = batch_size
         digest = hashlib.sha256(type(vision_model).__name__.encode())
         digest.update(vision_model.config.to_json_string().encode())
-        patch_embedding = vision_model.get_input_embeddings().weight
-        digest.update(patch_embedding.detach().float().cpu().numpy().tobytes())
+        digest.update(weights_fingerprint(vision_model).encode())
+        digest.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=json_default).encode())
         self.fingerprint = digest.hexdigest()
 
     @torch.no_grad()

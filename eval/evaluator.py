@@ -23,6 +23,7 @@ from otter.prompts import IMAGE_TOKEN, PromptTemplate, with_images
 
 from .datasets import Benchmark, Example
 from .demos import ImageEmbedder, random_demos, rices_demos
+from .fingerprint import benchmark_images, data_fingerprint, image_sizes, processor_fingerprint, weights_fingerprint
 from .tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -212,39 +213,327 @@ def build_prompt(task: Task, example: Example, demos: list[Example], shots: int)
 
 
 # -- the resumable per-sample log ------------------------------------------------------------------------------------
-def _read_log(path: Path, settings: dict) -> dict:
-    """Records already in `path`, keyed by (shots, trial, sample id); checks they were made with `settings`."""
+# settings whose change is described in words rather than by their values (fingerprints)
+_CHANGED = {
+    "weights": "the model's weights changed",
+    "processor": "the processor changed (its tokenizer or image preprocessing)",
+    "data": "the data set changed (its samples' annotations, or the sizes of their image files)",
+}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _describe_change(key: str, logged, now) -> str:
+    if key in _CHANGED:
+        return _CHANGED[key]
+    if key == "rices" and isinstance(logged, str) and isinstance(now, str):
+        return "the RICES encoder changed (its weights or settings)"
+    if key == "rices":
+        return f"RICES changed ({'on' if logged else 'off'} in the log, {'on' if now else 'off'} now)"
+    return f"{key} changed ({_short(logged)} in the log, {_short(now)} now)"
+
+
+def _check_log(path: Path, settings: dict, partial: bool = False) -> None:
+    """
+    Refuse the log at `path`, if there is one, unless it was made with `settings` (all its settings, or with
+    `partial` those of `settings` only: what is known before the model is loaded), saying what changed.
+    """
     if not path.exists():
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(json.dumps({"settings": settings}) + "\n")
-        return {}
+        return
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; the per-sample log is written there (choose another --out)")
     with open(path, "rb") as file:
-        content = file.read()
-    if not content.endswith(b"\n"):  # a run stopped in the middle of a line: drop the partial line
-        complete = content[: content.rfind(b"\n") + 1]
+        first = file.readline()
+    if not first.endswith(b"\n"):  # stopped while writing the settings line: a fresh log
+        return
+    try:
+        logged = json.loads(first.decode("utf-8")).get("settings")
+    except (ValueError, AttributeError):
+        logged = None
+    start_fresh = "remove it to start fresh, or choose another --out"
+    if not isinstance(logged, dict):
+        raise ValueError(f"{path} is not an evaluation log of otter eval (its first line holds no settings); "
+                         f"{start_fresh}")
+    if "weights" not in logged:
+        raise ValueError(f"{path} was written by an earlier version of Otter, which recorded the model's path rather "
+                         f"than its weights: its results cannot be checked against this run; {start_fresh}")
+    keys = list(settings) if partial else list(dict.fromkeys([*settings, *logged]))
+    changed = [_describe_change(key, logged.get(key), settings.get(key)) for key in keys
+               if logged.get(key) != settings.get(key)]
+    if changed:
+        raise ValueError(f"{path} holds the results of another evaluation ({'; '.join(changed)}); {start_fresh}")
+
+
+def _read_records(path: Path) -> dict:
+    """
+    The records already in the log at `path` (its settings checked by `_check_log`), keyed by (shots, trial, sample
+    id). A partial last line, left by a run stopped while writing it, is dropped from the file.
+    """
+    if not path.exists():
+        return {}
+    content = path.read_bytes()
+    if not content.endswith(b"\n") and content:
         logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        with open(path, "wb") as file:
-            file.write(complete if complete else (json.dumps({"settings": settings}) + "\n").encode("utf-8"))
-        if not complete:  # stopped before the settings line was written: a fresh log
-            return {}
-        content = complete
-    lines = content.decode("utf-8").splitlines()
-    logged = json.loads(lines[0]).get("settings")
-    if logged != settings:
-        changed = sorted(key for key in set(logged or {}) | set(settings) if (logged or {}).get(key) != settings.get(key))
-        raise ValueError(
-            f"{path} holds results made with other settings (differing: {changed}); remove it to start over, "
-            "or choose another --out"
-        )
+        content = content[: content.rfind(b"\n") + 1]  # nothing at all if it was the settings line
+        path.write_bytes(content)
     records = {}
-    for line in lines[1:]:
-        record = json.loads(line)
-        records[(record["shots"], record["trial"], record["id"])] = record
-    logger.info("%s: resuming with %d samples already evaluated", path, len(records))
+    for number, line in enumerate(content.split(b"\n")[1:-1], 2):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            records[(record["shots"], record["trial"], record["id"])] = record
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} line {number} is not a sample's record ({error}): the log is damaged; remove it "
+                             "to start fresh, or choose another --out") from None
+    if records:
+        logger.info("%s: resuming with %d samples already evaluated", path, len(records))
     return records
 
 
+# -- checks made before the model is involved ------------------------------------------------------------------------
+def _check_out(out: Path) -> None:
+    """`out` (and the files written beside it) must be files that can be written: refused now, not after the run."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; expected the results file to write (e.g. {out / 'results.json'})")
+    for path in (out.with_suffix(".md"), out.with_suffix(".samples.jsonl")):
+        if path.is_dir():
+            raise ValueError(f"--out {out}: {path}, where the run writes beside it, is a directory")
+    for folder in (out.parent, *out.parent.parents):  # the nearest one that exists is created in, or written in
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {out}: {folder} is not a directory")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: {folder} is not writable")
+            break
+
+
+def _check_images(sizes: Mapping[str, int | None], images: Iterable, what: str) -> None:
+    """Every image of `images` is a file (by `sizes`, from `image_sizes`); else one error counting and naming the
+    missing ones."""
+    missing = [image for image in dict.fromkeys(str(image) for image in images) if sizes.get(image) is None]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        files = "image file" if len(missing) == 1 else "image files"
+        raise ValueError(f"{len(missing)} {files} {what} {'is' if len(missing) == 1 else 'are'} missing (or not a "
+                         f"file): {listed} (see the dataset layouts in eval/README.md)")
+
+
 # -- the evaluation --------------------------------------------------------------------------------------------------
+class Evaluation:
+    """
+    An evaluation prepared and checked before any model is involved (what `otter eval` does before it loads the
+    model), then run on a model with `run`: the arguments are checked; the data set is loaded and fingerprinted;
+    every image the run will show (every image RICES embeds, with `rices`) is checked to be a file; `out` is checked
+    to be a file that can be written; a per-sample log made with other data or task settings is refused. The
+    arguments are `evaluate`'s.
+    """
+
+    def __init__(
+        self,
+        task: "str | Task",
+        data_dir: str | os.PathLike,
+        out: str | os.PathLike,
+        shots: Sequence[int] = (0, 4, 8),
+        trials: int = 1,
+        seed: int = 42,
+        rices: bool = False,
+        rices_cache: str | os.PathLike | None = None,
+        batch_size: int = 8,
+        num_samples: int | None = None,
+        query_set_size: int = 2048,
+        classes_per_forward: int = 16,
+    ):
+        task = get_task(task)
+        shots = list(shots)
+        if not shots or any(not isinstance(n, int) or n < 0 for n in shots):
+            raise ValueError(f"shots must be a non-empty list of integers >= 0, got {shots}")
+        for name, value in (("trials", trials), ("batch_size", batch_size),
+                            ("classes_per_forward", classes_per_forward), ("query_set_size", query_set_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if rices and trials > 1:
+            raise ValueError(f"RICES picks the same demonstrations in every trial; use trials=1 with rices=True, got "
+                             f"{trials}")
+        if task.postprocess is not None:
+            task.postprocess("")  # fail now, not after the first batch, if post-processing lacks something (NLTK data)
+        out = Path(out)
+        _check_out(out)
+        rices_cache = Path(rices_cache) if rices_cache is not None else out.parent / "rices_cache"
+        if rices and rices_cache.exists() and not rices_cache.is_dir():
+            raise ValueError(f"the RICES cache {rices_cache} is a file; expected a folder")
+
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise ValueError(f"data folder {data_dir} {'is not a folder' if data_dir.exists() else 'does not exist'} "
+                             "(see the dataset layouts in eval/README.md)")
+        data_dir = data_dir.resolve()
+        try:
+            benchmark = task.load(data_dir)
+        except (KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"{task.name}: the files under {data_dir} are not in the layout eval/README.md documents "
+                             f"({type(error).__name__}: {error})") from error
+        test = benchmark.test
+        if num_samples is not None:
+            if not 0 < num_samples <= len(test):
+                raise ValueError(f"num_samples must be in [1, {len(test)}] (the split's size), got {num_samples}")
+            test = [test[i] for i in sorted(random.Random(seed).sample(range(len(test)), num_samples))]
+        own_demos = sum(example.demos is not None for example in test)
+        if not test or (not benchmark.pool and own_demos < len(test)):
+            raise ValueError(f"{task.name}: {len(test)} samples to evaluate and {len(benchmark.pool)} demonstrations "
+                             f"under {data_dir}; both must be non-empty (unless every sample has demonstrations of its "
+                             "own)")
+        if own_demos:
+            if rices:
+                raise ValueError(f"{task.name}: its samples under {data_dir} have demonstrations of their own; RICES "
+                                 "does not apply (run without rices)")
+            if own_demos == len(test) and trials > 1:
+                raise ValueError(f"{task.name}: every sample has demonstrations of its own, the same in every trial; "
+                                 f"use trials=1, got {trials}")
+            for num_shots in shots:
+                needed = num_shots or task.zero_shot_demos
+                for example in test:
+                    if example.demos is not None and len(example.demos) < needed:
+                        raise ValueError(f"{task.name}: sample {example.id!r} has {len(example.demos)} demonstrations "
+                                         f"of its own, but a {num_shots}-shot prompt needs {needed}")
+        if task.ranks_classes and benchmark.class_names is None:
+            lacking = [example.id for example in test if example.candidates is None]
+            if lacking:
+                raise ValueError(f"{task.name} ranks class names, but the data under {data_dir} has no class names "
+                                 f"and sample {lacking[0]!r} has no candidates")
+
+        self.task, self.benchmark, self.test, self.own_demos = task, benchmark, test, own_demos
+        self.data_dir, self.out, self.log_path = data_dir, out, out.with_suffix(".samples.jsonl")
+        self.shots, self.trials, self.seed, self.query_set_size = shots, trials, seed, query_set_size
+        self.rices, self.rices_cache = rices, rices_cache
+        self.batch_size, self.classes_per_forward = batch_size, classes_per_forward
+        sizes = image_sizes(benchmark_images(benchmark))
+        # what determines the results, but for the model: a log made with other settings is refused before it loads
+        self.data_settings = json.loads(json.dumps({
+            "task": task.name, "data": data_fingerprint(benchmark, data_dir, sizes), "seed": seed,
+            "num_samples": num_samples, "query_set_size": query_set_size,
+            "prompt": [task.prompt.template, task.prompt.separator], "zero_shot_demos": task.zero_shot_demos,
+            "generation": task.generation, "classes": benchmark.class_names,
+        }))
+        _check_log(self.log_path, self.data_settings, partial=True)
+        logger.info("%s: %d samples to evaluate, %d demonstrations to draw from, %d samples with their own",
+                    task.name, len(test), len(benchmark.pool), own_demos)
+        if rices:  # every image is embedded; the demonstrations follow from the embeddings, in `run`
+            _check_images(sizes, [image for example in [*test, *benchmark.pool] for image in example.images],
+                          "RICES embeds")
+        else:
+            _check_images(sizes, self._shown_images(), "this run shows")
+
+    def _plan(self, num_shots: int, trial: int, most_similar=None) -> list[list[Example]]:
+        """The demonstrations of every evaluated sample in one pass: its own, RICES's or random ones."""
+        demos_per_sample = num_shots or self.task.zero_shot_demos
+        plan = None
+        if most_similar is not None:
+            plan = [row[len(row) - demos_per_sample:] for row in most_similar]
+        elif self.own_demos < len(self.test):
+            plan = random_demos(len(self.benchmark.pool), len(self.test), demos_per_sample, self.seed + trial,
+                                self.query_set_size)
+        return [list(example.demos[:demos_per_sample]) if example.demos is not None
+                else [self.benchmark.pool[j] for j in plan[i]] for i, example in enumerate(self.test)]
+
+    def _shown_images(self) -> Iterable:
+        """Every image the prompts of every pass show (a 0-shot prompt shows only its query's)."""
+        yield from (image for example in self.test for image in example.images)
+        for num_shots in self.shots:
+            if num_shots == 0:
+                continue
+            for trial in range(self.trials):
+                demos = {id(demo): demo for sample in self._plan(num_shots, trial) for demo in sample}
+                yield from (image for demo in demos.values() for image in demo.images)
+
+    def run(self, model, processor, rices_encoder=None) -> dict:
+        """Evaluate `model` with `processor` (see `evaluate`) and write the results; returns them."""
+        task, benchmark, test, out = self.task, self.benchmark, self.test, self.out
+        embed = None
+        if self.rices:
+            vision_model, image_processor = rices_encoder or (model.vision_model, processor.image_processor)
+            embed = ImageEmbedder(vision_model, image_processor, cache_dir=self.rices_cache)
+        # the resume key: everything that determines the results (the paths of the model and data are not)
+        settings = {
+            "task": task.name, "weights": weights_fingerprint(model), "processor": processor_fingerprint(processor),
+            "dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
+            **self.data_settings, "rices": embed.fingerprint if embed else False,
+        }
+        _check_log(self.log_path, settings)
+        done = _read_records(self.log_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        most_similar = None
+        if embed:  # each sample's most similar pool examples, enough for the largest shot count, most similar last
+            most_similar = rices_demos(embed([example.image for example in test]),
+                                       embed([example.image for example in benchmark.pool]),
+                                       max(n or task.zero_shot_demos for n in self.shots), device=model.device)
+
+        class_token_ids = None
+        if task.ranks_classes and benchmark.class_names is not None:
+            class_token_ids = _class_token_ids(processor, benchmark.class_names, task.prompt)
+
+        results = []
+        fresh_log = not self.log_path.exists() or self.log_path.stat().st_size == 0
+        with (open(self.log_path, "a", encoding="utf-8") as log,
+              ImagePrefetcher(processor.image_processor) as prefetcher):
+            if fresh_log:
+                log.write(json.dumps({"settings": settings}) + "\n")
+                log.flush()
+            for num_shots in self.shots:
+                trial_results = []
+                for trial in range(self.trials):
+                    demos = self._plan(num_shots, trial, most_similar)
+                    todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
+                    prompts = {i: build_prompt(task, test[i], demos[i], num_shots) for i in todo}
+                    cache = ImageFeatureCache(image for _, images in prompts.values() for image in images)
+                    batches = [todo[start:start + self.batch_size] for start in range(0, len(todo), self.batch_size)]
+                    upcoming = None
+                    # closed on an error too, so that the error's message starts a line of its own
+                    with tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
+                              desc=f"{task.name} {num_shots}-shot trial {trial}") as progress:
+                        for position, indices in enumerate(batches):
+                            # this batch's images were started on while the previous batch ran; start on the next
+                            # one's, but for those this batch shows (it caches them when they are shown again) or the
+                            # cache holds
+                            current = (upcoming if upcoming is not None else
+                                       prefetcher.submit(image for i in indices for image in prompts[i][1]))
+                            upcoming = None if position + 1 == len(batches) else prefetcher.submit(
+                                (image for i in batches[position + 1] for image in prompts[i][1]),
+                                skip=lambda key: key in current or cache.get(key) is not None)
+                            records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
+                                                 [demos[i] for i in indices], [prompts[i] for i in indices], cache,
+                                                 current, class_token_ids, self.classes_per_forward)
+                            for record in records:
+                                record.update(shots=num_shots, trial=trial)
+                                log.write(json.dumps(record) + "\n")
+                                done[(num_shots, trial, record["id"])] = record
+                            log.flush()
+                            progress.update(len(indices))
+                    records = [done[(num_shots, trial, example.id)] for example in test]
+                    score, per_sample = task.score(test, records)
+                    trial_results.append({"seed": None if self.rices else self.seed + trial, "score": score,
+                                          "predictions": [{**r, **extra} for r, extra in zip(records, per_sample)]})
+                    if task.group_by is not None:
+                        trial_results[-1]["groups"] = _group_scores(task, test, records)
+                    logger.info("%s %d-shot trial %d: %s %.2f", task.name, num_shots, trial, task.metric, score)
+                scores = [trial["score"] for trial in trial_results]
+                results.append({"shots": num_shots, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                                "trials": trial_results})
+                if task.group_by is not None:
+                    results[-1]["groups"] = {group: statistics.fmean(trial["groups"][group] for trial in trial_results)
+                                             for group in trial_results[0]["groups"]}
+
+        report = {"task": task.name, "metric": task.metric, "model": str(getattr(model, "name_or_path", "") or ""),
+                  "data_dir": str(self.data_dir), "settings": settings, "results": results}
+        if task.group_by is not None:
+            report["group_by"] = task.group_by
+        with open(out, "w", encoding="utf-8") as file:
+            json.dump(report, file, indent=1)
+        out.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
+        return report
+
+
 def evaluate(
     model,
     processor,
@@ -273,136 +562,17 @@ def evaluate(
     (default: `rices_cache/` next to `out`)),
     the samples are evaluated in batches of `batch_size`. `num_samples` evaluates a seeded random subset of the split.
 
-    Writes `out` (JSON: settings, per-shot scores with mean and std over trials, per-sample predictions), the
-    Markdown summary next to it (`.md`), and the per-sample log (`.samples.jsonl`) from which an interrupted run with
-    the same arguments resumes. Returns the JSON's content.
+    Writes `out` (JSON: the resume settings, per-shot scores with mean and std over trials, per-sample predictions),
+    the Markdown summary next to it (`.md`), and the per-sample log (`.samples.jsonl`) from which an interrupted run
+    resumes. The log is keyed on what determines the results: the weights and processor (fingerprints of their
+    content, not their path), dtype, device type, the data set (its content, not its folder) and the task settings; a
+    log made otherwise is refused, naming what changed. Arguments, the data, every image the run shows and `out` are
+    checked before the first sample is evaluated (`Evaluation`). Returns the JSON's content.
     """
-    task = get_task(task)
-    shots = list(shots)
-    if not shots or any(not isinstance(n, int) or n < 0 for n in shots):
-        raise ValueError(f"shots must be a non-empty list of integers >= 0, got {shots}")
-    for name, value in (("trials", trials), ("batch_size", batch_size), ("classes_per_forward", classes_per_forward)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if rices and trials > 1:
-        raise ValueError(f"RICES picks the same demonstrations in every trial; use trials=1 with rices=True, got {trials}")
-    if task.postprocess is not None:
-        task.postprocess("")  # fail now, not after the first batch, if post-processing lacks something (OK-VQA's NLTK data)
-
-    data_dir = Path(data_dir).resolve()
-    benchmark = task.load(data_dir)
-    test = benchmark.test
-    if num_samples is not None:
-        if not 0 < num_samples <= len(test):
-            raise ValueError(f"num_samples must be in [1, {len(test)}] (the split's size), got {num_samples}")
-        test = [test[i] for i in sorted(random.Random(seed).sample(range(len(test)), num_samples))]
-    own_demos = sum(example.demos is not None for example in test)
-    if not test or (not benchmark.pool and own_demos < len(test)):
-        raise ValueError(f"{task.name}: {len(test)} samples to evaluate and {len(benchmark.pool)} demonstrations under "
-                         f"{data_dir}; both must be non-empty (unless every sample has demonstrations of its own)")
-    if own_demos:
-        if rices:
-            raise ValueError(f"{task.name}: its samples under {data_dir} have demonstrations of their own; RICES does "
-                             "not apply (run without rices)")
-        if own_demos == len(test) and trials > 1:
-            raise ValueError(f"{task.name}: every sample has demonstrations of its own, the same in every trial; use "
-                             f"trials=1, got {trials}")
-        for num_shots in shots:
-            needed = num_shots or task.zero_shot_demos
-            for example in test:
-                if example.demos is not None and len(example.demos) < needed:
-                    raise ValueError(f"{task.name}: sample {example.id!r} has {len(example.demos)} demonstrations of "
-                                     f"its own, but a {num_shots}-shot prompt needs {needed}")
-    if task.ranks_classes and benchmark.class_names is None:
-        lacking = [example.id for example in test if example.candidates is None]
-        if lacking:
-            raise ValueError(f"{task.name} ranks class names, but the data under {data_dir} has no class names and "
-                             f"sample {lacking[0]!r} has no candidates")
-    logger.info("%s: %d samples to evaluate, %d demonstrations to draw from, %d samples with their own",
-                task.name, len(test), len(benchmark.pool), own_demos)
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    embed = None
-    if rices:
-        vision_model, image_processor = rices_encoder or (model.vision_model, processor.image_processor)
-        embed = ImageEmbedder(vision_model, image_processor, cache_dir=rices_cache or out.parent / "rices_cache")
-    settings = json.loads(json.dumps({
-        "task": task.name, "model": str(getattr(model, "name_or_path", "")), "data_dir": str(data_dir),
-        "seed": seed, "num_samples": num_samples, "query_set_size": query_set_size,
-        "rices": embed.fingerprint if embed else False,
-        "prompt": [task.prompt.template, task.prompt.separator], "zero_shot_demos": task.zero_shot_demos,
-        "generation": task.generation, "classes": benchmark.class_names,
-    }))
-    done = _read_log(out.with_suffix(".samples.jsonl"), settings)
-    if embed:  # each sample's most similar pool examples, enough for the largest shot count, most similar last
-        most_similar = rices_demos(embed([example.image for example in test]),
-                                   embed([example.image for example in benchmark.pool]),
-                                   max(n or task.zero_shot_demos for n in shots), device=model.device)
-
-    class_token_ids = None
-    if task.ranks_classes and benchmark.class_names is not None:
-        class_token_ids = _class_token_ids(processor, benchmark.class_names, task.prompt)
-
-    results = []
-    with (open(out.with_suffix(".samples.jsonl"), "a", encoding="utf-8") as log,
-          ImagePrefetcher(processor.image_processor) as prefetcher):
-        for num_shots in shots:
-            demos_per_sample = num_shots or task.zero_shot_demos
-            trial_results = []
-            for trial in range(trials):
-                if rices:
-                    plan = [row[len(row) - demos_per_sample:] for row in most_similar]
-                elif own_demos < len(test):
-                    plan = random_demos(len(benchmark.pool), len(test), demos_per_sample, seed + trial, query_set_size)
-                demos = [list(example.demos[:demos_per_sample]) if example.demos is not None
-                         else [benchmark.pool[j] for j in plan[i]] for i, example in enumerate(test)]
-                todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
-                prompts = {i: build_prompt(task, test[i], demos[i], num_shots) for i in todo}
-                cache = ImageFeatureCache(image for _, images in prompts.values() for image in images)
-                progress = tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
-                                desc=f"{task.name} {num_shots}-shot trial {trial}")
-                batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-                upcoming = None
-                for position, indices in enumerate(batches):
-                    # this batch's images were started on while the previous batch ran; start on the next one's,
-                    # but for those this batch shows (it caches them when they are shown again) or the cache holds
-                    current = (upcoming if upcoming is not None else
-                               prefetcher.submit(image for i in indices for image in prompts[i][1]))
-                    upcoming = None if position + 1 == len(batches) else prefetcher.submit(
-                        (image for i in batches[position + 1] for image in prompts[i][1]),
-                        skip=lambda key: key in current or cache.get(key) is not None)
-                    records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
-                                         [demos[i] for i in indices], [prompts[i] for i in indices], cache, current,
-                                         class_token_ids, classes_per_forward)
-                    for record in records:
-                        record.update(shots=num_shots, trial=trial)
-                        log.write(json.dumps(record) + "\n")
-                        done[(num_shots, trial, record["id"])] = record
-                    log.flush()
-                    progress.update(len(indices))
-                progress.close()
-                records = [done[(num_shots, trial, example.id)] for example in test]
-                score, per_sample = task.score(test, records)
-                trial_results.append({"seed": None if rices else seed + trial, "score": score,
-                                      "predictions": [{**r, **extra} for r, extra in zip(records, per_sample)]})
-                if task.group_by is not None:
-                    trial_results[-1]["groups"] = _group_scores(task, test, records)
-                logger.info("%s %d-shot trial %d: %s %.2f", task.name, num_shots, trial, task.metric, score)
-            scores = [trial["score"] for trial in trial_results]
-            results.append({"shots": num_shots, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
-                            "trials": trial_results})
-            if task.group_by is not None:
-                results[-1]["groups"] = {group: statistics.fmean(trial["groups"][group] for trial in trial_results)
-                                         for group in trial_results[0]["groups"]}
-
-    report = {"task": task.name, "metric": task.metric, "settings": settings, "results": results}
-    if task.group_by is not None:
-        report["group_by"] = task.group_by
-    with open(out, "w", encoding="utf-8") as file:
-        json.dump(report, file, indent=1)
-    out.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
-    return report
+    evaluation = Evaluation(task, data_dir, out, shots=shots, trials=trials, seed=seed, rices=rices,
+                            rices_cache=rices_cache, batch_size=batch_size, num_samples=num_samples,
+                            query_set_size=query_set_size, classes_per_forward=classes_per_forward)
+    return evaluation.run(model, processor, rices_encoder=rices_encoder)
 
 
 def _class_token_ids(processor, names: list[str], template: PromptTemplate) -> list[list[int]]:

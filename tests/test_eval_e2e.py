@@ -192,7 +192,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_model, monke
     assert run(tiny_model, "vqav2", data_dir, stopped_at_once.with_suffix("").with_suffix(".json"),
                trials=1)["results"] == complete["results"]
 
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['seed'\]\)"):
+    with pytest.raises(ValueError, match=r"another evaluation \(seed changed \(42 in the log, 7 now\)\)"):
         run(tiny_model, "vqav2", data_dir, tmp_path / "resumed" / "results.json", trials=1, seed=7)
 
 
@@ -262,6 +262,7 @@ def test_bad_arguments_are_named(tmp_path, tiny_model):
         run(tiny_model, "hateful_memes", data_dir, out, shots=[-1])
     with pytest.raises(ValueError, match=r"num_samples must be in \[1, 4\]"):
         run(tiny_model, "hateful_memes", data_dir, out, num_samples=9)
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(ValueError, match=r"HatefulMemes annotations not found: expected .*elsewhere/train.jsonl"):
         run(tiny_model, "hateful_memes", tmp_path / "elsewhere", out)
 
