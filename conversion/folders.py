@@ -148,7 +148,7 @@ def _umask() -> int:
         return mask
 
 
-def _honour_umask(folder: Path) -> None:
+def honour_umask(folder: Path) -> None:
     """Gives `folder` and everything in it the permissions mkdir and open give under the umask (some writers, e.g.
     safetensors, create their files private to the user)."""
     umask = _umask()
@@ -181,7 +181,7 @@ def atomic_folder(out: str | os.PathLike):
         raise FileExistsError(f"{partial} exists: this process is already writing {out}") from None
     try:
         yield partial
-        _honour_umask(partial)
+        honour_umask(partial)
         os.rename(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

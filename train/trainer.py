@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from otter import OtterForConditionalGeneration, OtterProcessor
+from otter.conversion.folders import honour_umask
 from otter.prompts import ANSWER_TOKEN
 
 from .collate import IGNORE_INDEX, Collator
@@ -353,7 +354,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, trainer_stat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        _honour_umask(temporary)
+        honour_umask(temporary)
         if final.exists():
             raise RuntimeError(f"{final} exists already; it would be overwritten")
         os.replace(temporary, final)
@@ -400,27 +401,6 @@ def _check_pickled_files(checkpoint: Path) -> None:
                 f"cannot resume from {checkpoint}: {path} does not hold plain tensor data, and Otter does not unpickle "
                 f"other objects from a checkpoint (unpickling can run code): {reason}"
             ) from None
-
-
-def _umask() -> int:
-    try:  # Linux says it without changing it
-        with open("/proc/self/status", encoding="ascii") as status:
-            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)  # elsewhere, reading it means setting it: put it back at once
-        os.umask(mask)
-        return mask
-
-
-def _honour_umask(folder: Path) -> None:
-    """
-    Gives every file in `folder` the mode a plain `open()` would: 0666 less the umask. (safetensors writes its files
-    0600, through a temporary file, so the weights of a trained folder would be private where its config is not.)
-    """
-    mode = 0o666 & ~_umask()
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(mode)
 
 
 # -- data files, and what a resumed run checks -----------------------------------------------------------------
@@ -1011,7 +991,7 @@ def _save_output(accelerator: Accelerator, trained, processor, config: TrainingC
             unwrapped.save_pretrained(temporary, state_dict=state_dict)
         processor.save_pretrained(temporary)
         (temporary / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        _honour_umask(temporary)
+        honour_umask(temporary)
         for entry in temporary.iterdir():
             destination = out / entry.name
             if destination.is_dir():
