@@ -1,5 +1,7 @@
 """Otter: Flamingo-style multimodal in-context learning on transformers. Importing it registers the Auto classes."""
 
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
 from pathlib import Path
 
 from transformers import (
