@@ -20,41 +20,29 @@ class ChatTurn(NamedTuple):
     answer: str
 
 
-def chat_template(prompt_format: str):
+def chat_template(prompt_format: str) -> str:
     """
-    The template a conversation is written in. `chat`: Otter's instruction format (`OTTER_CHAT`, what MIMIC-IT
-    training writes). `raw`: the same User/GPT dialogue without the `<answer>` token, for models never trained with
-    it (OpenFlamingo's releases), which would otherwise read `<answer>` as a handful of unrelated sub-word pieces.
+    The chat template (Jinja) a conversation is written in. `chat`: Otter's instruction format (what MIMIC-IT training
+    writes). `raw`: the same User/GPT dialogue without the `<answer>` token, for models never trained with it
+    (OpenFlamingo's releases). See `otter.prompts.chat_template`.
     """
-    from .prompts import ANSWER_TOKEN, OTTER_CHAT, PromptTemplate
+    from .prompts import chat_template as jinja_template
 
     if prompt_format not in FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {FORMATS}")
-    if prompt_format == "chat":
-        return OTTER_CHAT
-    return PromptTemplate(OTTER_CHAT.template.replace(ANSWER_TOKEN, ""), OTTER_CHAT.answer_field, OTTER_CHAT.separator)
+    return jinja_template(answer_token=prompt_format == "chat")
 
 
-def _turn_text(template, message: str, num_images: int, answer: str | None = None) -> str:
-    """One turn showing `num_images` images as training writes it (`otter.prompts.with_images`)."""
-    from .prompts import with_images
-
-    text = template.query(instruction=message) if answer is None else template.demo(instruction=message, answer=answer)
-    return with_images(text, num_images)
-
-
-def chat_prompt(history: list[ChatTurn], message: str, num_images: int, template=None) -> str:
+def chat_prompt(history: list[ChatTurn], message: str, num_images: int, template: str | None = None) -> str:
     """
-    The prompt for the next turn of a conversation: the earlier turns as in-context demos (each a filled template,
-    `<|endofchunk|>` and the template's separator, as `otter.prompts.few_shot_prompt` joins them), then `message` as
-    a query ending where the answer starts. With `OTTER_CHAT` (the default) this is exactly the training text of the
-    same turns (`otter.train.data.instruction_text`) cut before the last answer.
+    The prompt for the next turn of a conversation: the earlier turns and `message`, rendered by the chat template
+    (`template`, default Otter's format) up to where the answer starts. With Otter's format this is exactly the
+    training text of the same turns (`otter.train.data.instruction_text`) cut before the last answer.
     """
-    if template is None:
-        template = chat_template("chat")
-    context = "".join(_turn_text(template, turn.message, len(turn.images), turn.answer) + template.separator
-                      for turn in history)
-    return context + _turn_text(template, message, num_images)
+    from .prompts import chat_messages, render_chat
+
+    turns = [(turn.message, len(turn.images), turn.answer) for turn in history] + [(message, num_images, None)]
+    return render_chat(chat_messages(turns), add_generation_prompt=True, template=template)
 
 
 def single_prompt(text: str, num_images: int, prompt_format: str | None, has_answer_token: bool) -> str:

@@ -1,6 +1,8 @@
 """Every prompt template of the project: OpenFlamingo's evaluation prompts and Otter's chat format."""
 
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -80,3 +82,42 @@ def few_shot_prompt(template: PromptTemplate, demos: list[dict], query: dict, te
     if text_only_demos:
         context = context.replace(IMAGE_TOKEN, "")
     return context + template.query(**query)
+
+
+_ANSWER_SETTING = '{%- set answer_token = "<answer>" -%}'
+
+
+@cache
+def chat_template(answer_token: bool = True) -> str:
+    """
+    The chat template (Jinja, `otter/chat_template.jinja`) that renders transformers' messages in Otter's chat format:
+    `OTTER_CHAT` turns, each showing its images as `with_images` does, joined by newlines. `answer_token=False` is the
+    same dialogue without `<answer>`, for tokenizers that lack it (OpenFlamingo's releases), which would otherwise read
+    it as a handful of unrelated sub-word pieces.
+    """
+    template = (Path(__file__).parent / "chat_template.jinja").read_text(encoding="utf-8")
+    if _ANSWER_SETTING not in template:
+        raise RuntimeError(f"otter/chat_template.jinja lost its line {_ANSWER_SETTING!r}")
+    return template if answer_token else template.replace(_ANSWER_SETTING, '{%- set answer_token = "" -%}')
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False, template: str | None = None) -> str:
+    """`messages` (transformers' chat format) as text, through `template` (default: `chat_template()`)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template([messages], chat_template=template or chat_template(),
+                                        add_generation_prompt=add_generation_prompt)
+    return rendered[0]
+
+
+def chat_messages(turns: list[tuple[str, int, str | None]]) -> list[dict]:
+    """
+    (text, number of images, answer or None) per turn -> transformers' messages: a user message with its images and
+    text, then, when the turn has an answer, the assistant's.
+    """
+    messages = []
+    for text, images, answer in turns:
+        messages.append({"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from otter.processing_otter import UnreadableImageError, load_image
-from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, OTTER_CHAT, with_images
+from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, chat_messages, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,12 @@ class Turn:
 
 def instruction_text(turns: list[Turn]) -> str:
     """
-    Otter's training text: every turn in `OTTER_CHAT`'s format (`<image>User: {instruction} GPT:<answer> {answer}`
-    and `<|endofchunk|>`), in-context turns first, each followed by the template's separator as at inference
-    (`otter.prompts.few_shot_prompt`). A turn with several images shows each before its own label, a turn with none
-    has no marker (`otter.prompts.with_images`).
+    Otter's training text: the turns as a conversation rendered by Otter's chat template (`otter.prompts.chat_template`,
+    what `processor.apply_chat_template` and `otter chat` render): `<image>User: {instruction} GPT:<answer> {answer}`
+    and `<|endofchunk|>` per turn, in-context turns first, joined by newlines. A turn with several images shows each
+    before its own label, a turn with none has no marker (`otter.prompts.with_images`).
     """
-    return OTTER_CHAT.separator.join(
-        with_images(OTTER_CHAT.demo(instruction=turn.instruction, answer=turn.answer), len(turn.images))
-        for turn in turns)
+    return render_chat(chat_messages([(turn.instruction, len(turn.images), turn.answer) for turn in turns]))
 
 
 def _special_token_in(*texts: str) -> str | None:
