@@ -5,9 +5,13 @@ Errors: a user error (a bad argument, a missing or damaged file, a refused resum
 exits with status 1. A user error is an exception the library raises itself: a `ValueError` or file error raised by
 Otter's own code (its convention for bad input), or one of its named error classes. Anything else is a bug or an
 environment failure and keeps its traceback. `--debug` (or `OTTER_DEBUG=1`) shows the traceback of every error.
+
+`otter train` and `otter eval` need Otter's `train` and `eval` extras (pyproject.toml's optional-dependencies) on top
+of the core the other commands run on; a missing one is a user error named before any work starts.
 """
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import shlex
@@ -17,10 +21,14 @@ from pathlib import Path
 # what Otter's own code raises for bad input (see the module docstring)
 USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                     PermissionError)
+DISTRIBUTION = "otter-flamingo"
+# the commands that need more than the core, and the extra that installs what they need
+COMMAND_EXTRAS = {"train": "train", "eval": "eval"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otter", description="Flamingo-style multimodal in-context learning.")
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     # each package registers its own subcommands; imported here only, so `import otter` stays light
     from otter.conversion.cli import register as register_conversion
@@ -70,6 +78,48 @@ def is_user_error(error: BaseException) -> bool:
     return Path(traceback.tb_frame.f_code.co_filename).resolve().parent in _own_directories()
 
 
+def version_line() -> str:
+    """`otter 0.1.0 (Python 3.11.7, torch 2.14.1, transformers 5.24.0)`: what a bug report needs."""
+    import platform
+
+    import torch
+    import transformers
+
+    from otter import __version__
+
+    return (f"otter {__version__} (Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__})")
+
+
+def missing_requirements(extra: str) -> list[str]:
+    """The requirements of Otter's `extra` that are not installed (none when Otter itself is not installed)."""
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree: nothing to check against
+        return []
+    missing = []
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.marker is None or not requirement.marker.evaluate({"extra": extra}):
+            continue
+        try:
+            importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement.name)
+    return missing
+
+
+def check_extra(command: str) -> None:
+    """Refuses `command` before it starts when the extra it needs is not (completely) installed."""
+    extra = COMMAND_EXTRAS.get(command)
+    missing = missing_requirements(extra) if extra else []
+    if missing:
+        raise ValueError(f"`otter {command}` needs Otter's {extra} extra, and {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: pip install '{DISTRIBUTION}[{extra}]'")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
@@ -77,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args.command_line = shlex.join(["otter", *argv])  # recorded by commands that write a model card
     debug = args.debug or os.environ.get("OTTER_DEBUG", "") not in ("", "0")
     try:
+        check_extra(args.command)
         args.func(args)
     except KeyboardInterrupt:
         if debug:
