@@ -1,5 +1,6 @@
 """Where conversions read from (local folders, or hub ids already in the Hugging Face cache) and how they write
-(a folder that appears under its final name only once complete, with a model card saying how it was made)."""
+(a folder that appears under its final name only once complete, with a model card saying how it was made and under
+which license: `otter.model_card`)."""
 
 import difflib
 import logging
@@ -16,6 +17,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from otter.language_models import max_positions
+from otter.model_card import source_card
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +202,24 @@ def limit_tokenizer_length(tokenizer, text_config) -> None:
     tokenizer.model_max_length = limit
 
 
-def write_model_card(folder: Path, title: str, sources: dict[str, str], command: str | None, notes: list[str]) -> None:
-    """A short README.md: what the folder is, what it was made from, the exact command, and how to load it."""
-    lines = [f"# {title}", "", "Converted by Otter (`otter convert`).", "", "## Sources", ""]
-    lines += [f"- {what}: `{where}`" for what, where in sources.items()]
-    if command:
-        lines += ["", "## Command", "", "```", command, "```"]
-    lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
+# licenses of the language models OpenFlamingo's releases were trained with (their hub cards): a converted folder holds
+# their weights, under their terms
+LANGUAGE_MODEL_LICENSES = {
+    "anas-awadalla/mpt-1b-redpajama-200b": "apache-2.0",
+    "mosaicml/mpt-1b-redpajama-200b": "apache-2.0",
+    "anas-awadalla/mpt-1b-redpajama-200b-dolly": "cc-by-sa-3.0",  # instruction-tuned on Dolly, CC BY-SA 3.0
+    "mosaicml/mpt-1b-redpajama-200b-dolly": "cc-by-sa-3.0",
+    "togethercomputer/RedPajama-INCITE-Base-3B-v1": "apache-2.0",
+    "togethercomputer/RedPajama-INCITE-Instruct-3B-v1": "apache-2.0",
+    "anas-awadalla/mpt-7b": "apache-2.0",
+    "mosaicml/mpt-7b": "apache-2.0",
+}
+
+
+def known_license(name: str, folder: Path | None = None) -> str | None:
+    """The license of a model: from the table above for a known hub id, else its folder's card; None when unknown."""
+    if str(name) in LANGUAGE_MODEL_LICENSES:
+        return LANGUAGE_MODEL_LICENSES[str(name)]
+    card = source_card(folder) if folder is not None else None
+    license = card.data.license if card is not None else None
+    return license if isinstance(license, str) and license != "other" else None

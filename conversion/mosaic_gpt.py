@@ -14,8 +14,9 @@ import torch
 from transformers import AutoTokenizer, MptConfig
 
 from otter.language_models import build_language_model
+from otter.model_card import hub_id, language_model_usage, model_card
 
-from .folders import atomic_folder, limit_tokenizer_length, local_folder, write_model_card
+from .folders import atomic_folder, known_license, limit_tokenizer_length, local_folder
 from .weights import CheckpointFiles, Take, parse_dtype, weight_files, write_model
 
 logger = logging.getLogger(__name__)
@@ -122,15 +123,25 @@ def convert_mosaic_gpt(source: str, out, dtype: str = "float32", max_shard_size:
             tokenizer.save_pretrained(partial)
         else:
             logger.warning("%s has no tokenizer files: the output has none", folder)
-        write_model_card(
-            partial, f"{folder.name} as native MPT",
-            {"mosaic_gpt model": str(source)},
-            command,
-            ["Weights renamed as llm-foundry does; no tensor changed except its dtype "
-             f"({dtype}).",
-             f"QK LayerNorm: {'yes' if config.attn_config.qk_ln else 'no'}. transformers' MptForCausalLM ignores "
-             "`attn_config.qk_ln`; load with `otter.load_language_model(path)`, which honours it.",
-             "tokenizer: " + ("copied" if has_tokenizer else "none in the source folder")],
-        )
+        license = known_license(source, folder)
+        model_card(
+            f"{folder.name} as native MPT",
+            f"The mosaic_gpt model {source} (MPT-1B-RedPajama's custom code) as a native transformers MPT folder, "
+            f"converted by Otter (`otter convert mosaic-gpt`): {config.n_layers} layers, width {config.d_model}.",
+            language_model_usage(Path(out).name),
+            pipeline_tag="text-generation",
+            base_model=hub_id(source),
+            license=license,
+            license_note=None if license else (f"Not stated: the license of {source} applies. Set `license` in the "
+                                               "metadata above before publishing it."),
+            sources={"mosaic_gpt model": str(source)},
+            command=command,
+            notes=["Weights renamed as llm-foundry does; no tensor changed except its dtype "
+                   f"({dtype}).",
+                   f"QK LayerNorm: {'yes' if config.attn_config.qk_ln else 'no'}. transformers' MptForCausalLM ignores "
+                   "`attn_config.qk_ln`; load with `otter.load_language_model(path)`, which honours it.",
+                   "tokenizer: " + ("copied" if has_tokenizer else "none in the source folder: load the source's")],
+            tags=["mpt"],
+        ).save(partial / "README.md")
     logger.info("mosaic_gpt %s -> MPT (%d layers, d_model %d, qk_ln=%s)", folder, config.n_layers, config.d_model,
                 config.attn_config.qk_ln)

@@ -20,12 +20,13 @@ from transformers import AutoConfig, AutoTokenizer
 from otter.configuration_otter import OtterConfig
 from otter.factory import add_special_tokens, clip_image_processor
 from otter.language_models import build_language_model, decoder_layers_path
+from otter.model_card import CAPTION_PROMPT, describe, hub_id, model_card, usage
 from otter.modeling_otter import OtterForConditionalGeneration
 from otter.processing_otter import OtterProcessor
 from otter.prompts import END_OF_CHUNK, IMAGE_TOKEN
 
 from . import mosaic_gpt, open_clip
-from .folders import atomic_folder, limit_tokenizer_length, local_file, local_folder, write_model_card
+from .folders import atomic_folder, known_license, limit_tokenizer_length, local_file, local_folder
 from .weights import CheckpointFiles, Take, parse_dtype, saved_names, weight_files, write_model
 
 logger = logging.getLogger(__name__)
@@ -238,18 +239,49 @@ def convert_openflamingo(
         processor = OtterProcessor(image_processor=clip_image_processor(**open_clip.preprocessing(vision)),
                                    tokenizer=text_tokenizer)
         processor.save_pretrained(folder)
-        write_model_card(
-            folder, f"{preset or Path(checkpoint).parent.name}: OpenFlamingo as an Otter model",
-            {"OpenFlamingo checkpoint": checkpoint, "language model": lang_encoder,
-             "tokenizer": tokenizer or lang_encoder, "vision encoder": f"open_clip {vision_encoder}, {vision_pretrained}"},
-            command,
-            [f"cross_attn_every_n_layers={cross_attn_every_n_layers}; dtype {dtype}; vision activation "
-             f"{vision_config.hidden_act}; vision tokens {'after' if vision_feature_post_layernorm else 'before'} "
-             "ln_post.",
-             "Load with `import otter` then `AutoModelForImageTextToText.from_pretrained(path)` and "
-             "`AutoProcessor.from_pretrained(path)`; offline, no trust_remote_code.",
-             "Generation stops at <|endofchunk|>."],
-        )
+        _model_card(out, preset, checkpoint, lang_encoder, lm_folder, tokenizer, vision_encoder, vision_pretrained,
+                    config, dtype, command).save(folder / "README.md")
+
+
+def _model_card(out, preset, checkpoint, lang_encoder, lm_folder, tokenizer, vision_encoder, vision_pretrained,
+                config: OtterConfig, dtype: str, command: str | None):
+    """
+    The converted folder's card: what it is, its sources, the exact command, and its license. A release's is its
+    language model's (OpenFlamingo's weights and OpenAI's CLIP are MIT); another checkpoint's is not known here.
+    """
+    lm_license = known_license(lang_encoder, lm_folder)
+    if preset is not None:
+        lm_license = lm_license or known_license(PRESETS[preset].lang_encoder)
+    if preset is not None and lm_license:
+        license = lm_license
+        license_note = (f"`{lm_license}`, the license of the language model {lang_encoder}. The other weights are "
+                        f"MIT-licensed: OpenFlamingo's release ({PRESETS[preset].repo}) and OpenAI's CLIP "
+                        f"{vision_encoder}.")
+    else:
+        license = None
+        lm_terms = f"`{lm_license}`" if lm_license else "its own license"
+        license_note = (f"Not stated: this folder holds the weights of {checkpoint}, of the language model "
+                        f"{lang_encoder} ({lm_terms}) and of the vision encoder (open_clip {vision_encoder}, "
+                        f"{vision_pretrained}); their licenses apply. Set `license` in the metadata above before "
+                        "publishing it.")
+    vision_tokens = "after" if config.vision_feature_post_layernorm else "before"
+    return model_card(
+        f"{preset or Path(checkpoint).parent.name}: OpenFlamingo as an Otter model",
+        describe(config) + " Converted from OpenFlamingo by Otter (`otter convert openflamingo`): it computes what "
+        "OpenFlamingo computes, and takes OpenFlamingo's prompts (`<image>Output:` asks for a caption).",
+        usage(Path(out).name, CAPTION_PROMPT),
+        base_model=PRESETS[preset].repo if preset is not None else hub_id(lang_encoder),
+        license=license,
+        license_note=license_note,
+        sources={"OpenFlamingo checkpoint": checkpoint, "language model": lang_encoder,
+                 "tokenizer": tokenizer or lang_encoder,
+                 "vision encoder": f"open_clip {vision_encoder}, {vision_pretrained}"},
+        command=command,
+        notes=[f"cross_attn_every_n_layers={config.cross_attn_every_n_layers}; dtype {dtype}; vision activation "
+               f"{config.vision_config.hidden_act}; vision tokens {vision_tokens} ln_post.",
+               "Generation stops at <|endofchunk|>."],
+        tags=["openflamingo"],
+    )
 
 
 def _plan(model, weights: CheckpointFiles, lm_plan: dict[str, Take], layers_path: str, checkpoint_layers: list[int],

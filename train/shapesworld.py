@@ -14,7 +14,8 @@ Reproduces the Otter model the package ships, from nothing, with the project's o
    (`otter train pretrain`).
 5. `finetune/`: instruction tuning of the whole model but CLIP on the MIMIC-IT set (`otter train finetune --full
    --freeze-vision`).
-6. `model/`: the result in fp16 safetensors (what the package ships as `otter.SHAPESWORLD_MODEL`).
+6. `model/`: the result in fp16 safetensors with its model card (what the package ships as
+   `otter.SHAPESWORLD_MODEL`).
 7. `eval_data/`, `eval/`: `otter eval` on held-out ShapesWorld sets (`results.md`).
 
 Each stage writes its folder and leaves `<stage>.done.json`; started again on the same folder, the run skips the
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from otter.language_models import max_positions
+from otter.model_card import CODE_LICENSE, model_card
 from otter.shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
 
 logger = logging.getLogger(__name__)
@@ -334,6 +337,7 @@ def train_language_model(folder: Path, corpus: Path, tokenizer, recipe: Recipe) 
         if step % 50 == 0 or step == steps - 1:
             logger.info("language model step %d/%d: loss %.4f", step + 1, steps, loss.item())
     model.save_pretrained(folder)
+    tokenizer.model_max_length = max_positions(config)  # the tokenizer alone cannot know the model's limit
     tokenizer.save_pretrained(folder)
 
 
@@ -443,6 +447,8 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
         folder, seed=EVAL_SEED, count=recipe.scaled("eval_count"), shots=max(max(s) for s in EVAL_SHOTS.values())))
     stages.run("eval", lambda folder: evaluate_model(model_dir, eval_data, folder))
     (out / "timings.json").write_text(json.dumps(stages.timings, indent=1))
+    results = (out / "eval" / "results.md").read_text(encoding="utf-8")
+    shipped_model_card(model_dir, recipe, results, sum(stages.timings.values()) / 60).save(model_dir / "README.md")
     logger.info("done in %.1f min: %s; results in %s", sum(stages.timings.values()) / 60, model_dir,
                 out / "eval" / "results.md")
     return model_dir
@@ -475,3 +481,65 @@ def evaluate_model(model_dir: Path, data_dir: Path, folder: Path) -> None:
         rows += [f"| {task} | {result['shots']} | {report['metric']} | {result['mean']:.1f} |"
                  for result in report["results"]]
     (folder / "results.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+SHIPPED_USAGE = """import otter  # registers Otter with transformers' Auto classes (pip install otter-flamingo)
+from otter.shapesworld import ShapesWorld, render
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+# the folder the package installs: fp16 weights, loaded in fp32 for a CPU
+model = AutoModelForImageTextToText.from_pretrained(otter.SHAPESWORLD_MODEL, dtype="float32")
+processor = AutoProcessor.from_pretrained(otter.SHAPESWORLD_MODEL)
+
+record = ShapesWorld(seed=0).vqa("colour")  # a freshly drawn scene and a question about it
+prompt = f"<image>User: {record['question']} GPT:<answer>"
+inputs = processor(images=[render(record["scene"])], text=prompt, return_tensors="pt")
+generated = model.generate(**inputs, max_new_tokens=8)
+print(record["question"], processor.decode_answers(generated, inputs["input_ids"].shape[1])[0])
+"""
+
+
+def shipped_model_card(model_dir: Path, recipe: Recipe, results: str, minutes: float | None = None):
+    """
+    The card of the model `reproduce` makes in `model_dir` (`otter/models/shapesworld/README.md`): what it is, how it
+    was trained, its held-out results (`results`: results.md's table) and its license (the project's: it was trained
+    here from nothing, on data generated here).
+    """
+    from safetensors import safe_open
+
+    from otter import OtterConfig
+    from otter.model_card import describe
+
+    with safe_open(model_dir / "model.safetensors", "pt") as weights:
+        parameters = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    took = f" (it took {minutes:.0f} min on 2 CPU cores)" if minutes else ""
+    training = (
+        f"Every part was trained from nothing by this project's own code, with one command{took}:\n\n```bash\notter train shapesworld --out runs/shapesworld\n```\n\n"
+        f"1. A CLIP ViT ({recipe.clip_steps} contrastive steps on {recipe.clip_images:,} captioned images).\n"
+        f"2. A byte-level BPE tokenizer ({recipe.vocab_size} tokens) and an MPT ({recipe.lm_layers} x "
+        f"{recipe.lm_width}) pretrained on ShapesWorld text ({recipe.lm_steps} steps).\n"
+        f"3. The perceiver and gated cross-attention, pretrained on {recipe.web_samples:,} interleaved documents and "
+        f"image-text pairs with both backbones frozen ({recipe.pretrain_steps} steps; `otter train pretrain`).\n"
+        f"4. Instruction tuning of everything but CLIP on {recipe.instruction_examples:,} MIMIC-IT-format episodes "
+        f"({recipe.finetune_steps} steps; `otter train finetune --full --freeze-vision`), then fp16 export.\n\n"
+        "Stages, data and recipe: the package's `otter/train/README.md`."
+    )
+    evaluation = (
+        f"`otter eval` on {recipe.eval_count} held-out samples per task (a seed no training stage draws from; "
+        "binding uses nonce words never seen in training):\n\n" + results.strip() + "\n\n"
+        "Fast binding is the test of in-context learning: two nonce words are bound to two shapes inside the prompt "
+        "only, so the answer cannot be known without the demonstrations (chance with none)."
+    )
+    return model_card(
+        "ShapesWorld Otter: the model the otter-flamingo package ships",
+        f"A {parameters / 1e6:.1f}M-parameter Otter model trained on ShapesWorld (`otter.shapesworld`), a procedural "
+        f"world of coloured shapes. {describe(OtterConfig.from_pretrained(model_dir))} It captions scenes, answers questions on colour, shape, count and position, compares two images, and names "
+        "shapes by nonce words it learns from the prompt. It is the package's demonstration and test model "
+        "(`otter demo`), not a general-purpose one.",
+        SHIPPED_USAGE,
+        license=CODE_LICENSE,
+        license_note=f"`{CODE_LICENSE}`, as Otter's code: the weights were trained by this project, from nothing, on "
+                     "data it generates.",
+        sections={"Training": training, "Results": evaluation},
+        tags=["shapesworld"],
+    )

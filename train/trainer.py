@@ -40,8 +40,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from otter import OtterForConditionalGeneration, OtterProcessor
-from otter.conversion.folders import honour_umask
+from otter import OtterConfig, OtterForConditionalGeneration, OtterProcessor
+from otter.conversion.folders import honour_umask, limit_tokenizer_length
+from otter.model_card import CAPTION_PROMPT, CHAT_PROMPT, describe, hub_id, model_card, source_card, usage
 from otter.prompts import ANSWER_TOKEN
 
 from .collate import IGNORE_INDEX, Collator
@@ -975,7 +976,10 @@ class _MetricsFile:
 
 
 def _save_output(accelerator: Accelerator, trained, processor, config: TrainingConfig, out: Path, summary: dict):
-    """The final Otter folder: written beside `out` in a temporary folder, then its files moved into `out`."""
+    """
+    The final Otter folder: written beside `out` in a temporary folder, then its files moved into `out`. Its
+    tokenizer's `model_max_length` is the language model's limit, and its model card says how it was trained.
+    """
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(trained)
     state_dict = None if config.lora else accelerator.get_state_dict(trained)  # a collective under FSDP / ZeRO-3
@@ -989,8 +993,11 @@ def _save_output(accelerator: Accelerator, trained, processor, config: TrainingC
             unwrapped.merge_and_unload().save_pretrained(temporary)
         else:
             unwrapped.save_pretrained(temporary, state_dict=state_dict)
+        model_config = OtterConfig.from_pretrained(temporary)
+        limit_tokenizer_length(processor.tokenizer, model_config.text_config)  # also when the start folder had none
         processor.save_pretrained(temporary)
         (temporary / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        training_card(config, summary, model_config, processor, out).save(temporary / "README.md")
         honour_umask(temporary)
         for entry in temporary.iterdir():
             destination = out / entry.name
@@ -1001,5 +1008,55 @@ def _save_output(accelerator: Accelerator, trained, processor, config: TrainingC
     accelerator.wait_for_everyone()
 
 
+SUBCOMMANDS = {INSTRUCTION: "finetune", PRETRAINING: "pretrain"}
+RUN_ONLY = ("out", "resume")  # options of the run, not of the model it makes
+
+
+def _what_trained(config: TrainingConfig) -> str:
+    if config.full:
+        return "every parameter" + (" but the vision encoder's" if config.freeze_vision else "")
+    trained = "the perceiver and the gated cross-attention"
+    if config.train_embeddings:
+        trained += ", and the embedding rows of the tokens Otter adds"
+    if config.lora:
+        trained += (f", with LoRA adapters (rank {config.lora_rank}) on the language model, "
+                    + ("merged into its weights" if config.lora_output == "merged" else "saved in lora-adapter/"))
+    return trained
+
+
+def training_card(config: TrainingConfig, summary: dict, model_config, processor, out: Path):
+    """
+    The trained folder's model card: the model it started from (its base model when that is a hub id, else the base
+    model its card names; its license carries over), what trained, and the configuration that trains it again.
+    """
+    import yaml
+
+    source = source_card(config.model)
+    source_data = source.data if source is not None else None
+    license = source_data.license if source_data is not None and source_data.license != "other" else None
+    subcommand = SUBCOMMANDS[config.objective]
+    settings = {name: value for name, value in dataclasses.asdict(config).items() if name not in RUN_ONLY}
+    chat = ANSWER_TOKEN in processor.tokenizer.get_vocab()
+    training = (
+        f"Trained by Otter (`otter train {subcommand}`, {config.objective} objective) from `{config.model}`: "
+        f"{summary['step']} optimizer steps on {summary['num_processes']} process(es), training "
+        f"{_what_trained(config)}. `training_summary.json` beside this card records the run (skipped records "
+        "included).\n\nTo train it again, save the configuration below as `config.yaml` and run "
+        f"`otter train {subcommand} --config config.yaml --out NEW_FOLDER`:\n\n"
+        f"```yaml\n{yaml.safe_dump(settings, sort_keys=False).rstrip()}\n```"
+    )
+    return model_card(
+        f"{out.name}: an Otter model trained from {Path(config.model).name}",
+        describe(model_config),
+        usage(out.name, CHAT_PROMPT if chat else CAPTION_PROMPT),
+        base_model=hub_id(config.model) or (source_data.base_model if source_data is not None else None),
+        license=license,
+        license_note=None if license else (f"Not stated: the license of {config.model} and of the training data "
+                                           "apply."),
+        sections={"Training": training},
+    )
+
+
 __all__ = ["TrainingConfig", "train", "NonFiniteLossError", "SkippedRecordsError", "RunLock", "add_answer_token",
-           "configure_training", "parameter_groups", "save_checkpoint", "checkpoints_in", "data_fingerprint"]
+           "configure_training", "parameter_groups", "save_checkpoint", "checkpoints_in", "data_fingerprint",
+           "training_card"]
