@@ -487,7 +487,7 @@ SHIPPED_USAGE = """import otter  # registers Otter with transformers' Auto class
 from otter.shapesworld import ShapesWorld, render
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-# the folder the package installs: fp16 weights, loaded in fp32 for a CPU
+# the folder the package installs; float32 is what runs well on a CPU
 model = AutoModelForImageTextToText.from_pretrained(otter.SHAPESWORLD_MODEL, dtype="float32")
 processor = AutoProcessor.from_pretrained(otter.SHAPESWORLD_MODEL)
 
