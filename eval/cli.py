@@ -13,6 +13,7 @@ def run(args) -> None:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from otter import OtterForConditionalGeneration, OtterProcessor
+    from otter.chat import default_dtype
 
     from .evaluator import Evaluation
     from .tasks import get_task
@@ -38,7 +39,7 @@ def run(args) -> None:
         rices=args.rices, rices_cache=args.rices_cache, batch_size=args.batch_size, num_samples=args.num_samples,
         query_set_size=args.query_set_size,
     )
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype or default_dtype(device))
     model_dir = Path(args.model).resolve()  # recorded in the results; resuming checks the weights themselves
     model = OtterForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     processor = OtterProcessor.from_pretrained(model_dir)
@@ -94,5 +95,7 @@ def register(commands) -> None:
     parser.add_argument("--num-beams", type=int, default=None, help="override the task's beam count")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="the dtype the weights are cast to on load; unset, what runs well on the device: "
+                             "float32 on a CPU, bfloat16 on a CUDA GPU (float16 on one without bfloat16)")
     parser.set_defaults(func=run)

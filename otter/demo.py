@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import DTYPE_HELP, DTYPES
 from .shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
 
 
@@ -115,7 +116,7 @@ def main(args) -> None:
         raise SystemExit(f"otter: --episodes and --shots must be at least 1, got {args.episodes} and {args.shots}")
     start = time.perf_counter()
     model_path = args.model or str(SHAPESWORLD_MODEL)
-    model, processor = load_model(model_path, args.device, "float32")
+    model, processor = load_model(model_path, args.device, args.dtype)
     print(f"otter demo: {model_path} ({sum(p.numel() for p in model.parameters()):,} parameters), few-shot "
           f"prompting on freshly rendered ShapesWorld episodes (seed {args.seed})\n")
     todo = episodes(args.seed, args.episodes, args.shots)
@@ -154,4 +155,5 @@ def register(commands) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--out", default="otter-demo.html", help="the HTML page to write")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
     parser.set_defaults(func=main)

@@ -6,12 +6,15 @@ hidden states as their first argument. Other families work by naming that list i
 """
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.models.mpt.modeling_mpt import MptAttention, MptForCausalLM
+from transformers.masking_utils import create_causal_mask
+from transformers.models.mpt.modeling_mpt import MptAttention, MptForCausalLM, MptModel, MptPreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
 
 # model_type -> dotted path from the *ForCausalLM model to its decoder layers
 DECODER_LAYERS = {
@@ -74,11 +77,22 @@ class MptSdpaAttention(MptAttention):
     the eager attention, which keeps `(batch, heads, query, key)` scores and probabilities in fp32 in every layer for
     the backward pass: what makes fine-tuning on long sequences run out of memory.
 
-    `eager = True` computes as `MptAttention` does, and returns the attention weights: the Otter model sets it for a
-    forward call that asks for `output_attentions`, or when the model was loaded with `attn_implementation="eager"`.
+    Which computation runs is the language model's `config._attn_implementation`: `"sdpa"` this one, `"eager"`
+    `MptAttention`'s, step for step, which also returns the attention weights. `eager` (True / False) overrides the
+    config for this module: `OtterMptModel` sets it for a forward call that asks for `output_attentions`.
     """
 
-    eager = False
+    eager: bool | None = None
+
+    def __init__(self, config, layer_idx: int | None = None):
+        super().__init__(config, layer_idx)
+        self.config = config
+
+    def computes_eagerly(self) -> bool:
+        if self.eager is not None:
+            return self.eager
+        config = getattr(self, "config", None)
+        return config is not None and config._attn_implementation == "eager"
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values `(batch, length, hidden)` from `Wqkv` (clamped to `clip_qkv`)."""
@@ -94,7 +108,7 @@ class MptSdpaAttention(MptAttention):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         weights = None
-        if self.eager:
+        if self.computes_eagerly():
             out, weights = self._eager_attention(query, key, value, position_bias, attention_mask)
         else:
             bias, attending = _attention_bias(position_bias, attention_mask, key.shape[-2], query.dtype)
@@ -168,30 +182,145 @@ class MptAttentionWithQKLayerNorm(MptSdpaAttention):
         return self.q_ln(query), self.k_ln(key), value
 
 
-class MptForCausalLMWithQKLayerNorm(MptForCausalLM):
-    """`MptForCausalLM` whose attention honours `attn_config.qk_ln`; same weight names plus `attn.q_ln`, `attn.k_ln`."""
+MPT_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class OtterMptPreTrainedModel(MptPreTrainedModel):
+    """
+    MPT as Otter runs it: `attn_implementation` `"sdpa"` (the default) is `MptSdpaAttention`'s fused computation,
+    `"eager"` transformers' `MptAttention`'s; QK LayerNorm when `attn_config.qk_ln` asks for it. Same weight names as
+    transformers' MPT (plus `attn.q_ln`, `attn.k_ln` with QK LayerNorm).
+    """
+
+    _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True  # the attention modules read the config on every call
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention is None:
+            return "sdpa"
+        if requested_attention not in MPT_ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={requested_attention!r} is not available for MPT language models; expected "
+                "'sdpa' (Otter's fused MptSdpaAttention, the default) or 'eager' (transformers' MptAttention)"
+            )
+        return requested_attention
+
+
+class OtterMptModel(OtterMptPreTrainedModel, MptModel):
+    """`MptModel` with `MptSdpaAttention` (or its QK LayerNorm variant) in every block."""
 
     def __init__(self, config):
         super().__init__(config)
-        for index, block in enumerate(self.transformer.blocks):
-            block.attn = MptAttentionWithQKLayerNorm(config, layer_idx=index)
+        attention_class = MptAttentionWithQKLayerNorm if needs_qk_layernorm(config) else MptSdpaAttention
+        for index, block in enumerate(self.blocks):
+            block.attn = attention_class(config, layer_idx=index)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                **kwargs):
+        """
+        `MptModel.forward`. MPT's blocks read a boolean mask, True where a key is hidden, which `MptModel` makes
+        from what transformers builds for eager attention. With another implementation in the config, the mask
+        (2-D, or 4-D as `generate()` builds it for a static cache, in that implementation's convention) is turned
+        into that one here.
+        """
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if self.config._attn_implementation != "eager":
+            attention_mask = _hidden_keys(self.config, input_ids if inputs_embeds is None else inputs_embeds,
+                                          attention_mask, cache)
+            if output_attentions:  # only the eager computation returns the attention weights
+                with _eager_attention(self):
+                    return super().forward(input_ids=input_ids, cache=cache, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds, output_attentions=True, **kwargs)
+        return super().forward(input_ids=input_ids, cache=cache, attention_mask=attention_mask,
+                               inputs_embeds=inputs_embeds, output_attentions=output_attentions, **kwargs)
+
+
+def _hidden_keys(config, inputs, attention_mask, cache) -> torch.Tensor | None:
+    """
+    MPT's `(batch, 1, query, key)` boolean mask, True where a key is hidden (causal and padding), from a 2-D padding
+    mask (or none) or from a 4-D mask in the convention of `config._attn_implementation` (boolean: True where
+    visible; additive: 0 where visible). `inputs`: the input ids or embeddings, for their shape and device.
+    """
+    if inputs is None:
+        return attention_mask  # MptModel says what is missing
+    if attention_mask is None or attention_mask.ndim == 2:
+        attention_mask = create_causal_mask(
+            config=config, inputs_embeds=torch.empty(*inputs.shape[:2], 0, device=inputs.device),
+            attention_mask=attention_mask, cache=cache, allow_is_causal_skip=False)
+    return ~attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
+@contextmanager
+def _eager_attention(model: nn.Module):
+    """For one call, every `MptSdpaAttention` of `model` computes eagerly."""
+    attentions = [module for module in model.modules() if isinstance(module, MptSdpaAttention)]
+    before = [attention.eager for attention in attentions]
+    for attention in attentions:
+        attention.eager = True
+    try:
+        yield
+    finally:
+        for attention, value in zip(attentions, before):
+            attention.eager = value
+
+
+class OtterMptForCausalLM(OtterMptPreTrainedModel, MptForCausalLM):
+    """`MptForCausalLM` on `OtterMptModel`: Otter's SDPA attention (or the eager one), QK LayerNorm when asked for."""
+
+    def __init__(self, config):
+        MptPreTrainedModel.__init__(self, config)  # MptForCausalLM.__init__, on OtterMptModel
+        self.transformer = OtterMptModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
 
-def sdpa_attentions(language_model: nn.Module, eager: bool = False) -> list[MptSdpaAttention]:
+MptForCausalLMWithQKLayerNorm = OtterMptForCausalLM  # its name before it also ran the SDPA attention
+
+
+def sdpa_attentions(language_model: nn.Module, eager: bool | None = None) -> list[MptSdpaAttention]:
     """
     Every `MptSdpaAttention` of `language_model`, transformers' `MptAttention`s turned into one in place (same
-    weights, same function); `eager` sets whether they compute eagerly (`MptSdpaAttention.eager`). Empty for other
-    families, whose own attention implementations transformers selects.
+    weights, same function, reading `language_model.config`). `eager` True / False forces their computation
+    (`MptSdpaAttention.eager`); None leaves it to the config. Empty for other families, whose own attention
+    implementations transformers selects.
     """
+    config = getattr(language_model, "config", None)
     attentions = []
     for module in language_model.modules():
         if type(module) is MptAttention:
             module.__class__ = MptSdpaAttention
+            module.config = config
         if isinstance(module, MptSdpaAttention):
             module.eager = eager
             attentions.append(module)
     return attentions
+
+
+def adopt_language_model(language_model: PreTrainedModel, attn_implementation: str | None) -> None:
+    """
+    A causal LM that Otter runs, as Otter runs it. transformers' `MptForCausalLM` becomes `OtterMptForCausalLM` in
+    place (the same modules and weights; its classes, which add no state, and its attention modules swapped), with
+    `attn_implementation` (None: "sdpa"): transformers' MPT knows only eager attention, so what its config says is
+    not a choice. Other families keep theirs, which transformers selects.
+    """
+    if needs_qk_layernorm(language_model.config) and not isinstance(language_model, OtterMptForCausalLM):
+        raise ValueError(
+            "the language model's config asks for QK LayerNorm (attn_config.qk_ln) but "
+            f"{type(language_model).__name__} ignores it; load it with otter.load_language_model(path)"
+        )
+    if type(language_model) is not MptForCausalLM:
+        return
+    language_model.__class__ = OtterMptForCausalLM
+    if type(language_model.transformer) is MptModel:
+        language_model.transformer.__class__ = OtterMptModel
+    sdpa_attentions(language_model)
+    language_model.config._attn_implementation_internal = language_model.get_correct_attn_implementation(
+        attn_implementation)
 
 
 def needs_qk_layernorm(config: PretrainedConfig) -> bool:
@@ -199,19 +328,23 @@ def needs_qk_layernorm(config: PretrainedConfig) -> bool:
 
 
 def build_language_model(config: PretrainedConfig) -> PreTrainedModel:
-    """A randomly initialised causal LM for `config` (weights come later, from a checkpoint)."""
-    if needs_qk_layernorm(config):
-        return MptForCausalLMWithQKLayerNorm._from_config(config)
+    """
+    A randomly initialised causal LM for `config` (weights come later, from a checkpoint), with the attention
+    implementation `config._attn_implementation` names. MPT is `OtterMptForCausalLM`.
+    """
+    if config.model_type == "mpt":
+        return OtterMptForCausalLM._from_config(config)
     return AutoModelForCausalLM.from_config(config)
 
 
 def load_language_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """
     A causal LM from a local folder (or a hub id), loaded strictly: a missing, unexpected or mis-shaped weight is a
-    ValueError. Honours MPT's `qk_ln`, which `AutoModelForCausalLM` would silently drop.
+    ValueError. MPT loads as `OtterMptForCausalLM`: it honours `qk_ln`, which `AutoModelForCausalLM` would silently
+    drop, and takes `attn_implementation` "sdpa" (the default) or "eager".
     """
     config = AutoConfig.from_pretrained(path)
-    model_class = MptForCausalLMWithQKLayerNorm if needs_qk_layernorm(config) else AutoModelForCausalLM
+    model_class = OtterMptForCausalLM if config.model_type == "mpt" else AutoModelForCausalLM
     model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
     problems = {name: keys for name, keys in info.items() if name != "error_msgs" and keys}
     if problems or info.get("error_msgs"):

@@ -19,13 +19,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_otter import OtterConfig
 from .cross_attention import GatedCrossAttentionBlock, OtterDecoderLayer, media_attention_mask
 from .language_models import (
-    MptForCausalLMWithQKLayerNorm,
+    adopt_language_model,
     build_language_model,
     decoder_layers_path,
     get_decoder_layers,
     max_positions,
-    needs_qk_layernorm,
-    sdpa_attentions,
     set_decoder_layers,
 )
 from .perceiver import PerceiverResampler
@@ -188,11 +186,8 @@ class OtterModel(OtterPreTrainedModel):
         )
         if language_model is None:
             language_model = build_language_model(config.text_config)
-        elif needs_qk_layernorm(language_model.config) and not isinstance(language_model, MptForCausalLMWithQKLayerNorm):
-            raise ValueError(
-                f"the language model's config asks for QK LayerNorm (attn_config.qk_ln) but {type(language_model).__name__} "
-                "ignores it; load it with otter.load_language_model(path)"
-            )
+        else:
+            adopt_language_model(language_model, config.text_config._attn_implementation)
         self._decoder_layers_path = decoder_layers_path(config.text_config.model_type, config.decoder_layers_attr)
         layers = get_decoder_layers(language_model, self._decoder_layers_path)
         every_n = config.cross_attn_every_n_layers
@@ -212,8 +207,6 @@ class OtterModel(OtterPreTrainedModel):
         )
         set_decoder_layers(language_model, self._decoder_layers_path, wrapped)
         self.language_model = language_model
-        self._eager_attention = config._attn_implementation == "eager"
-        self._sdpa_attentions = sdpa_attentions(language_model, eager=self._eager_attention)
         # one source of truth: the sub-configs are the parts' own (attention implementation, resized vocab, ...)
         config.vision_config = self.vision_model.config
         config.text_config = language_model.config
@@ -403,27 +396,9 @@ class OtterModel(OtterPreTrainedModel):
             self._check_prompt(input_ids, images_given=pixel_values is not None or media_key_values is not None)
         image_features, media_key_values = self._media_key_values_for(
             pixel_values, media_key_values, input_ids if full_sequences else None)
-        output_attentions = kwargs.get("output_attentions")
-        if output_attentions is None:
-            output_attentions = self.language_model.config.output_attentions
-        with self._conditioned_on(input_ids, media_key_values, media_index, cache), \
-                self._eager_language_model_attention(output_attentions):
+        with self._conditioned_on(input_ids, media_key_values, media_index, cache):
             outputs = language_model(input_ids=input_ids, cache=cache, **kwargs)
         return image_features, outputs
-
-    @contextmanager
-    def _eager_language_model_attention(self, eager: bool):
-        """For one call, MPT's attention computes eagerly, which returns the attention weights."""
-        if not eager or self._eager_attention:
-            yield
-            return
-        for attention in self._sdpa_attentions:
-            attention.eager = True
-        try:
-            yield
-        finally:
-            for attention in self._sdpa_attentions:
-                attention.eager = False
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
