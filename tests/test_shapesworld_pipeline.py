@@ -21,13 +21,15 @@ def run(tmp_path_factory):
     return out
 
 
-def test_every_stage_runs_and_the_model_is_fp16_safetensors(run, capsys):
+def test_every_stage_runs_and_the_model_is_float32_safetensors_of_fp16_values(run, capsys):
     assert list(json.loads((run / "timings.json").read_text())) == STAGES
     assert all((run / f"{stage}.done.json").is_file() for stage in STAGES)
     assert not list((run / "model").glob("*.done.json")), "the model folder holds only what ships"
     with safe_open(run / "model" / "model.safetensors", "pt") as weights:
-        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F16"}
-    model = OtterForConditionalGeneration.from_pretrained(run / "model", dtype=torch.float32)
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
+        assert all(torch.equal(tensor, tensor.half().float()) for tensor in map(weights.get_tensor, weights.keys()))
+    model = OtterForConditionalGeneration.from_pretrained(run / "model")  # float32, as saved
+    assert model.dtype == torch.float32
     assert model.config.perceiver_num_latents == 16 and model.language_model.config.model_type == "mpt"
     tokenizer = json.loads((run / "language_model" / "tokenizer" / "tokenizer.json").read_text())
     assert tokenizer["model"]["type"] == "BPE"

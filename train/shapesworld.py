@@ -14,7 +14,7 @@ Reproduces the Otter model the package ships, from nothing, with the project's o
    (`otter train pretrain`).
 5. `finetune/`: instruction tuning of the whole model but CLIP on the MIMIC-IT set (`otter train finetune --full
    --freeze-vision`).
-6. `model/`: the result in fp16 safetensors with its model card (what the package ships as
+6. `model/`: the result rounded to fp16, in float32 safetensors, with its model card (what the package ships as
    `otter.SHAPESWORLD_MODEL`).
 7. `eval_data/`, `eval/`: `otter eval` on held-out ShapesWorld sets (`results.md`).
 
@@ -442,7 +442,7 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
         warmup_steps=50, full=True, freeze_vision=True, seed=recipe.seed, num_workers=1, save_every=10**9,
         precision="fp32",
     )))
-    model_dir = stages.run("model", lambda folder: export_fp16(finetuned, folder))
+    model_dir = stages.run("model", lambda folder: export_model(finetuned, folder))
     eval_data = stages.run("eval_data", lambda folder: write_eval_sets(
         folder, seed=EVAL_SEED, count=recipe.scaled("eval_count"), shots=max(max(s) for s in EVAL_SHOTS.values())))
     stages.run("eval", lambda folder: evaluate_model(model_dir, eval_data, folder))
@@ -459,17 +459,21 @@ EVAL_SEED = 1234  # the held-out sets' seed: no training stage draws from it
 EVAL_SHOTS = {"shapesworld_vqa": [0, 4], "shapesworld_binding": [0, 4, 8], "shapesworld_comparison": [0, 2]}
 
 
-def export_fp16(source: Path, folder: Path) -> None:
-    """The trained model in fp16 safetensors (what the package ships) with its processor."""
+def export_model(source: Path, folder: Path) -> None:
+    """
+    The trained model as the package ships it, with its processor: its weights rounded to fp16 (the shipped model's
+    values, which its results were measured on) and saved in float32, the dtype `from_pretrained` then loads it in
+    without being told, what runs well on a CPU.
+    """
     from otter import OtterForConditionalGeneration, OtterProcessor
 
-    model = OtterForConditionalGeneration.from_pretrained(source, dtype=torch.float16)
+    model = OtterForConditionalGeneration.from_pretrained(source, dtype=torch.float16).to(torch.float32)
     model.save_pretrained(folder)
     OtterProcessor.from_pretrained(source).save_pretrained(folder)
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, folder: Path) -> None:
-    """`otter eval` of the fp16 model, loaded in fp32 as on a CPU, on every ShapesWorld task; `results.md` sums up."""
+    """`otter eval` of the exported model, in float32 as on a CPU, on every ShapesWorld task; `results.md` sums up."""
     from otter import OtterForConditionalGeneration, OtterProcessor
     from otter.eval.evaluator import evaluate
 
