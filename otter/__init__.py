@@ -27,7 +27,9 @@ AutoModel.register(OtterConfig, OtterModel)
 AutoModelForCausalLM.register(OtterConfig, OtterForConditionalGeneration)
 AutoModelForImageTextToText.register(OtterConfig, OtterForConditionalGeneration)
 AutoProcessor.register(OtterConfig, OtterProcessor)
-AutoImageProcessor.register(OtterConfig, image_processor_classes={"pil": OtterImageProcessor})
+# one image processor for both of transformers' backends: its PIL pipeline is the one whose pixels equal open_clip's
+AutoImageProcessor.register(OtterConfig, image_processor_classes={"pil": OtterImageProcessor,
+                                                                  "torchvision": OtterImageProcessor})
 
 __all__ = [
     "OtterConfig",

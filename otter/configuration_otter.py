@@ -5,6 +5,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .auto_module import CONFIG_AUTO_MAP, write_module
+
 
 @strict
 class OtterConfig(PreTrainedConfig):
@@ -80,6 +82,17 @@ class OtterConfig(PreTrainedConfig):
             raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {self.cross_attn_every_n_layers}")
         if self.max_num_frames is not None and self.max_num_frames < 1:
             raise ValueError(f"max_num_frames must be None or >= 1, got {self.max_num_frames}")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers' configs, with an `auto_map` pointing at `otter_auto.py`, written beside it (see
+        `otter.auto_module`): a folder loaded without `import otter` fails loudly, never half-loaded."""
+        self.auto_map = dict(CONFIG_AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_module(save_directory)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to register: the class lives in the installed package, and `auto_map` points there."""
 
 
 __all__ = ["OtterConfig"]

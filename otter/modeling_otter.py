@@ -147,6 +147,11 @@ class OtterPreTrainedModel(PreTrainedModel):
                 "folder?); tensors " + "; tensors ".join(problems))
         return (model, info) if output_loading_info else model
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Nothing to register: the class lives in the installed package, and `auto_map` points there (see
+        `otter.auto_module`); registering would copy Otter's source files into every folder saved afterwards."""
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, nn.LayerNorm):
@@ -260,7 +265,8 @@ class OtterModel(OtterPreTrainedModel):
         if pixel_values.ndim != 6:
             raise ValueError(
                 "pixel_values must be (batch, media, frames, channels, height, width) or (batch, media, channels, "
-                f"height, width); got a tensor of shape {tuple(pixel_values.shape)}"
+                "height, width) here (forward and generate also take the processor's (images, channels, height, "
+                f"width)); got a tensor of shape {tuple(pixel_values.shape)}"
             )
         batch, media, frames = pixel_values.shape[:3]
         max_frames = self.config.max_num_frames
@@ -277,6 +283,28 @@ class OtterModel(OtterPreTrainedModel):
             tokens = self.vision_model.post_layernorm(tokens)
         tokens = tokens.reshape(batch, media, frames, *tokens.shape[1:])
         return self.perceiver(tokens)
+
+    def batched_pixel_values(self, pixel_values: torch.Tensor | None,
+                             input_ids: torch.LongTensor | None) -> torch.Tensor | None:
+        """
+        The processor's `pixel_values` `(images, C, H, W)`, every image of the batch in `<image>` order (LLaVA's
+        layout, which pipelines can batch), -> `(batch, media, 1, C, H, W)`: each sample's images in its first slots,
+        zeros after them (never attended); None when there are no images. Other layouts are returned as they are.
+        """
+        if pixel_values is None or pixel_values.ndim != 4:
+            return pixel_values
+        if input_ids is None:
+            raise ValueError("pixel_values of shape (images, C, H, W) are sorted into samples by their <image> tokens: "
+                             "pass the whole input_ids (or pixel_values of shape (batch, media, frames, C, H, W))")
+        counts = (input_ids == self.config.media_token_id).sum(-1).to(pixel_values.device)
+        if pixel_values.shape[0] != int(counts.sum()):
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but input_ids hold {int(counts.sum())} "
+                             f"<image> tokens ({counts.tolist()} per sample)")
+        if pixel_values.shape[0] == 0:
+            return None
+        batched = pixel_values.new_zeros(len(counts), int(counts.max()), 1, *pixel_values.shape[1:])
+        batched[torch.arange(batched.shape[1], device=counts.device) < counts[:, None]] = pixel_values[:, None]
+        return batched
 
     def get_media_key_values(self, image_features: torch.Tensor) -> torch.Tensor:
         """
@@ -392,6 +420,7 @@ class OtterModel(OtterPreTrainedModel):
     def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, **kwargs):
         """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
         full_sequences = media_index is None and (cache is None or cache.get_seq_length() == 0)
+        pixel_values = self.batched_pixel_values(pixel_values, input_ids if full_sequences else None)
         if full_sequences and input_ids is not None:
             self._check_prompt(input_ids, images_given=pixel_values is not None or media_key_values is not None)
         image_features, media_key_values = self._media_key_values_for(
@@ -413,9 +442,10 @@ class OtterModel(OtterPreTrainedModel):
         **kwargs,
     ) -> OtterModelOutputWithPast:
         r"""
-        input_ids `(batch, text_len)` with `<image>` tokens where images go; pixel_values
-        `(batch, media, frames, C, H, W)` (or 5-D for single frames), media padded with anything for samples with
-        fewer images (padded media are never attended, nor encoded: their `image_hidden_states` are zeros).
+        input_ids `(batch, text_len)` with `<image>` tokens where images go; pixel_values `(images, C, H, W)` as the
+        processor returns them (every image of the batch in `<image>` order), or `(batch, media, frames, C, H, W)`
+        (or 5-D for single frames), media padded with anything for samples with fewer images (padded media are never
+        attended, nor encoded: their `image_hidden_states` are zeros).
         `media_key_values` (from `get_media_key_values`) replaces pixel_values when the images were encoded already;
         `media_index` (from `media_index()` on the full sequence) is needed when decoding new tokens against `cache`.
         """
@@ -488,6 +518,7 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         With several beams (or returned sequences) per prompt and the KV cache on, the prompt runs once per sample,
         not once per beam: its cache is then repeated for the beams.
         """
+        pixel_values = self.batched_pixel_values(pixel_values, input_ids)
         config = kwargs.get("generation_config") or self.generation_config
         for name in ("num_beams", "num_return_sequences"):
             value = kwargs.get(name, getattr(config, name, None))

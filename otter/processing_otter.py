@@ -1,15 +1,19 @@
 """OtterProcessor: images and interleaved text with `<image>` markers -> input_ids, attention_mask, pixel_values."""
 
 import os
+from typing import Literal, Unpack
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
-from transformers.image_transforms import get_image_size
+from transformers.image_transforms import get_image_size, to_pil_image
+from transformers.processing_utils import ProcessingKwargs, TextKwargs
 from transformers.image_utils import ChannelDimension
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .prompts import END_OF_CHUNK, IMAGE_TOKEN
+from .auto_module import PROCESSOR_AUTO_MAP, write_module
+from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, chat_template
 
 
 class UnreadableImageError(ValueError):
@@ -43,6 +47,29 @@ def load_image(image) -> Image.Image:
         raise UnreadableImageError(f"image {source} could not be read ({error})") from error
 
 
+def to_image(image) -> Image.Image:
+    """
+    An image as the processor takes it -> upright RGB PIL image: a PIL image or a file path (`load_image`), an
+    `http(s)://` or `data:image/...` URL (transformers' `load_image`), a numpy array or tensor (HWC or CHW; floats in
+    [0, 1] or integers in [0, 255]).
+    """
+    if isinstance(image, str) and image.startswith(("http://", "https://", "data:image/")):
+        from huggingface_hub.utils import httpx  # what transformers fetches images with
+        from transformers.image_utils import load_image as load_url
+
+        shown = image if not image.startswith("data:") else image[:40] + "..."
+        try:
+            return load_image(load_url(image))
+        except (OSError, ValueError, httpx.HTTPError) as error:
+            raise UnreadableImageError(f"image {shown} could not be read ({error})") from error
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        if array.ndim not in (2, 3):
+            raise ValueError(f"an image array must be (H, W), (H, W, C) or (C, H, W), got shape {array.shape}")
+        return load_image(to_pil_image(array))
+    return load_image(image)
+
+
 class OtterImageProcessor(CLIPImageProcessorPil):
     """
     CLIP preprocessing as open_clip and OpenAI CLIP do it, pixel for pixel: PIL resize of the shortest side, then a
@@ -59,28 +86,70 @@ class OtterImageProcessor(CLIPImageProcessorPil):
         return image[..., top:top + size.height, left:left + size.width]
 
 
+def default_chat_template(tokenizer) -> str:
+    """Otter's chat template, with `<answer>` when the tokenizer has it (Otter's models), without it otherwise."""
+    return chat_template(answer_token=ANSWER_TOKEN in tokenizer.get_vocab())
+
+
+class OtterTextKwargs(TextKwargs, total=False):
+    """transformers' text kwargs, and `truncation_side` ("left" or "right"; default: the tokenizer's) for one call."""
+
+    truncation_side: Literal["left", "right"] | None
+
+
+class OtterProcessorKwargs(ProcessingKwargs, total=False):
+    text_kwargs: OtterTextKwargs
+
+
+# text kwargs the processor applies itself (truncation drops images; padding comes after it), and those it passes on
+_OWN_TEXT_KWARGS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side", "truncation_side",
+                    "return_attention_mask", "return_tensors", "add_special_tokens", "verbose"}
+_UNSUPPORTED_TEXT_KWARGS = {"text_pair", "text_target", "text_pair_target", "stride", "is_split_into_words",
+                            "return_overflowing_tokens", "return_offsets_mapping", "return_length",
+                            "return_special_tokens_mask", "return_token_type_ids"}
+
+
 class OtterProcessor(ProcessorMixin):
     """
-    Pairs a CLIP image processor with the tokenizer (which holds `<image>` and `<|endofchunk|>`).
+    Pairs a CLIP image processor with the tokenizer (which holds `<image>` and `<|endofchunk|>`), on transformers'
+    conventions: `processor(images=..., text=..., **kwargs)` takes every standard text and image kwarg, per call or in
+    `text_kwargs` / `images_kwargs`, and `return_tensors` "pt" (default), "np" or None.
 
-    `processor(text=..., images=...)`: `text` is a string or a list of strings with `<image>` markers; `images` is
-    one list of images per sample, or a flat list in marker order across the batch. `padding_side` is left by
-    default (what batched generation needs; training collators pad right); `truncation_side` says which end
-    `max_length` cuts, and truncation drops the images whose markers it cut, so markers and images always pair up.
-    Both are saved with the processor.
+    - `text`: a string or a list of strings with one `<image>` marker per image. `images`: one list per sample, or a
+      flat list in marker order across the batch; an image is a PIL image, a file path, a numpy array or a tensor
+      (HWC or CHW), an `http(s)://` URL or a `data:image/...` URL.
+    - Output: `input_ids`, `attention_mask` (padded to the longest sample by default, on the tokenizer's
+      `padding_side`, which Otter folders set to left, what batched generation needs) and `pixel_values`
+      `(images, C, H, W)`: every image of the batch in marker order (none: zero rows), which the model sorts into
+      samples by their `<image>` tokens.
+    - Truncation (`max_length`, on the tokenizer's `truncation_side` unless `truncation_side` is given) drops the
+      images whose markers it cut, so markers and images always pair up; `truncation=False` turns it off.
+    - The chat template is Otter's (`otter.prompts.chat_template`; without `<answer>` for tokenizers that lack it).
     """
 
     image_token = IMAGE_TOKEN
     eoc_token = END_OF_CHUNK
+    valid_processor_kwargs = OtterProcessorKwargs
+    text_kwargs = {"padding": "longest", "return_tensors": "pt"}  # defaults, under the caller's kwargs
+    images_kwargs = {"return_tensors": "pt"}
 
-    def __init__(self, image_processor=None, tokenizer=None, padding_side: str = "left", truncation_side: str = "right",
-                 **kwargs):
-        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
-            if side not in ("left", "right"):
-                raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
-        self.padding_side = padding_side
-        self.truncation_side = truncation_side
-        super().__init__(image_processor, tokenizer, **kwargs)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, padding_side=None,
+                 truncation_side=None, **kwargs):
+        # padding_side / truncation_side: what processor_config.json held before the tokenizer's became the one
+        # setting; an Otter tokenizer that never chose pads left
+        if tokenizer is not None:
+            for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+                if side not in (None, "left", "right"):
+                    raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+            if padding_side is not None or "padding_side" not in tokenizer.init_kwargs:
+                tokenizer.padding_side = padding_side or "left"
+            if truncation_side is not None:
+                tokenizer.truncation_side = truncation_side
+            if chat_template is None:
+                chat_template = default_chat_template(tokenizer)
+            if tokenizer.chat_template is None:  # one template, the tokenizer's apply_chat_template too
+                tokenizer.chat_template = chat_template
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
     def image_token_id(self) -> int:
@@ -90,34 +159,59 @@ class OtterProcessor(ProcessorMixin):
     def eoc_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.eoc_token)
 
-    def __call__(self, text=None, images=None, max_length: int | None = None, add_special_tokens: bool = True,
-                 return_tensors: str = "pt") -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None,
+                 **kwargs: Unpack[OtterProcessorKwargs]) -> BatchFeature:
+        if videos is not None:
+            raise NotImplementedError("OtterProcessor does not take videos yet; pass frames as images, one <image> each")
+        if audio is not None:
+            raise ValueError("Otter models take images and text, not audio")
         if text is None:
             raise ValueError("OtterProcessor needs text: a string or a list of strings with <image> markers")
-        if return_tensors != "pt":
-            raise ValueError(f"OtterProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text)
-        if not texts:
-            raise ValueError("text is an empty list: give at least one prompt")
-        token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        if not texts or not all(isinstance(sample, str) for sample in texts):
+            raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r}")
+        merged = self._merge_kwargs(OtterProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        unsupported = sorted(key for key in text_kwargs if key in _UNSUPPORTED_TEXT_KWARGS and text_kwargs[key])
+        if unsupported:
+            raise ValueError(f"OtterProcessor does not support {unsupported} (its truncation keeps images and "
+                             "<image> markers paired)")
+        return_tensors = text_kwargs.get("return_tensors")
+
+        token_ids = self.tokenizer(texts, add_special_tokens=text_kwargs.get("add_special_tokens", True),
+                                   **{key: value for key, value in text_kwargs.items()
+                                      if key not in _OWN_TEXT_KWARGS | _UNSUPPORTED_TEXT_KWARGS})["input_ids"]
         empty = [index for index, ids in enumerate(token_ids) if not ids]
         if empty:
             raise ValueError(f"sample(s) {empty} of the text tokenize to nothing (an empty prompt)")
         per_sample = self._images_per_sample(texts, token_ids, images)
-        if max_length is not None:
-            token_ids, per_sample = zip(*(self._truncate(ids, imgs, max_length) for ids, imgs in zip(token_ids, per_sample)))
-        batch = self.tokenizer.pad({"input_ids": list(token_ids)}, padding="longest", padding_side=self.padding_side,
-                                   return_tensors="pt")
-        data = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if any(per_sample):
-            data["pixel_values"] = self._pixel_values(per_sample)
-        return BatchFeature(data=data)
+        max_length = text_kwargs.get("max_length")
+        truncation = text_kwargs.get("truncation")
+        if truncation is None:
+            truncation = max_length is not None  # a max_length alone truncates, as this processor always did
+        if truncation not in (False, "do_not_truncate"):
+            limit = max_length if max_length is not None else self.tokenizer.model_max_length
+            side = text_kwargs.get("truncation_side") or self.tokenizer.truncation_side
+            token_ids, per_sample = zip(*(self._truncate(ids, sample, limit, side)
+                                          for ids, sample in zip(token_ids, per_sample)))
+        padding = text_kwargs.get("padding")
+        batch = self.tokenizer.pad(
+            {"input_ids": list(token_ids)},
+            padding=False if padding is None else padding, max_length=max_length,
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            padding_side=text_kwargs.get("padding_side") or self.tokenizer.padding_side,
+            return_attention_mask=text_kwargs.get("return_attention_mask"), return_tensors=return_tensors,
+        )
+        data = dict(batch)
+        images_kwargs["return_tensors"] = return_tensors
+        data["pixel_values"] = self._pixel_values([image for sample in per_sample for image in sample], images_kwargs)
+        return BatchFeature(data=data, tensor_type=None)
 
     def _images_per_sample(self, texts, token_ids, images) -> list[list]:
         counts = [ids.count(self.image_token_id) for ids in token_ids]
         if images is None:
             images = []
-        elif isinstance(images, (Image.Image, str, os.PathLike)):
+        elif not isinstance(images, (list, tuple)):
             images = [images]
         if images and all(isinstance(item, (list, tuple)) for item in images):
             if len(images) != len(texts):
@@ -139,26 +233,41 @@ class OtterProcessor(ProcessorMixin):
                 )
         return per_sample
 
-    def _truncate(self, ids: list[int], images: list, max_length: int) -> tuple[list[int], list]:
+    def _truncate(self, ids: list[int], images: list, max_length: int, side: str) -> tuple[list[int], list]:
         if len(ids) <= max_length:
             return ids, images
-        if self.truncation_side == "left":
+        if side == "left":
             kept = ids[-max_length:]
             kept_markers = kept.count(self.image_token_id)
             return kept, images[len(images) - kept_markers:]
         kept = ids[:max_length]
         return kept, images[:kept.count(self.image_token_id)]
 
-    def _pixel_values(self, per_sample: list[list]) -> torch.Tensor:
-        """`(batch, max_media, 1, C, H, W)`; samples with fewer images are padded with zeros (never attended)."""
-        flat = [load_image(image) for sample in per_sample for image in sample]
-        pixels = self.image_processor(flat, return_tensors="pt")["pixel_values"]
-        out = pixels.new_zeros(len(per_sample), max(len(s) for s in per_sample), 1, *pixels.shape[1:])
-        offset = 0
-        for row, sample in enumerate(per_sample):
-            out[row, : len(sample), 0] = pixels[offset: offset + len(sample)]
-            offset += len(sample)
-        return out
+    def _pixel_values(self, images: list, images_kwargs: dict):
+        """`(images, C, H, W)` in the requested tensor type; with no images, zero rows of the shape one would have."""
+        if images:
+            return self.image_processor([to_image(image) for image in images], **images_kwargs)["pixel_values"]
+        blank = Image.new("RGB", (8, 8))
+        shape = np.asarray(self.image_processor([blank], **{**images_kwargs, "return_tensors": "np"})["pixel_values"])
+        empty = np.zeros((0, *shape.shape[1:]), dtype=np.float32)
+        return torch.from_numpy(empty) if images_kwargs.get("return_tensors") == "pt" else \
+            empty if images_kwargs.get("return_tensors") == "np" else []
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """
+        As transformers' processors; the tokenizer's padding and truncation sides and the chat template are saved with
+        it, and `auto_map` points at `otter_auto.py` (see `otter.auto_module`).
+        """
+        for name in ("padding_side", "truncation_side"):
+            self.tokenizer.init_kwargs[name] = getattr(self.tokenizer, name)
+        self.auto_map = dict(PROCESSOR_AUTO_MAP)  # see otter.auto_module
+        files = super().save_pretrained(save_directory, **kwargs)
+        write_module(save_directory)
+        return files
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoProcessor"):
+        """Nothing to register: the class lives in the installed package, and `auto_map` points there."""
 
     def decode_answers(self, sequences: torch.Tensor, prompt_length: int) -> list[str]:
         """
@@ -177,4 +286,4 @@ class OtterProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["OtterProcessor", "UnreadableImageError", "load_image"]
+__all__ = ["OtterProcessor", "UnreadableImageError", "load_image", "to_image"]

@@ -86,6 +86,11 @@ def reference_twin(model):
     return reference.eval()
 
 
+def vision_x(model, batch):
+    """OpenFlamingo's `vision_x` `(batch, media, 1, C, H, W)` for a batch of Otter's processor (images in order)."""
+    return model.batched_pixel_values(batch["pixel_values"], batch["input_ids"])
+
+
 def assert_greedy_generation_matches(model, reference, batch, new_tokens=6):
     """Same tokens, and every step's scores within 1e-4; special tokens suppressed in both models."""
     special = [model.config.eoc_token_id, model.config.media_token_id, model.config.pad_token_id]
@@ -93,7 +98,7 @@ def assert_greedy_generation_matches(model, reference, batch, new_tokens=6):
                     pad_token_id=model.config.pad_token_id, output_scores=True, return_dict_in_generate=True)
     ours = model.generate(**batch, **settings)
     with torch.no_grad():
-        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
+        theirs = reference.generate(vision_x(model, batch), batch["input_ids"], attention_mask=batch["attention_mask"],
                                     **settings)
     assert torch.equal(ours.sequences, theirs.sequences)
     for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):

@@ -54,7 +54,7 @@ def runs(model, batch) -> dict[str, str]:
     text = batch["input_ids"][:, :6]  # before any image: the language model alone
     layers = len(model.decoder_layers())
     lm_calls = sdpa_calls(model.language_model, input_ids=text)
-    pixels = batch["pixel_values"][0, :1, 0]
+    pixels = batch["pixel_values"][:1]
     vision_calls = sdpa_calls(model.vision_model, pixel_values=pixels)
     vision_layers = model.config.vision_config.num_hidden_layers
     assert lm_calls in (0, layers) and vision_calls in (0, vision_layers)

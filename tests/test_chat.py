@@ -117,7 +117,7 @@ def test_chat_over_piped_stdin_keeps_history_until_reset(folders, capsys, monkey
     def spy(self, **kwargs):
         sequences = original(self, **kwargs)
         pixels = kwargs.get("pixel_values")
-        calls.append((kwargs["input_ids"], None if pixels is None else pixels.shape[1], sequences))
+        calls.append((kwargs["input_ids"], pixels.shape[0], sequences))  # the images of the prompt
         return sequences
 
     monkeypatch.setattr(OtterForConditionalGeneration, "generate", spy)
@@ -140,4 +140,4 @@ def test_chat_over_piped_stdin_keeps_history_until_reset(folders, capsys, monkey
     for (ids, _, _), prompt in zip(calls, expected):
         assert ids[0].tolist() == processor.tokenizer(prompt)["input_ids"]
     # the first turn's image stays in context for the second turn; none after /reset
-    assert [media for _, media, _ in calls] == [1, 1, None]
+    assert [media for _, media, _ in calls] == [1, 1, 0]

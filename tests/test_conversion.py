@@ -23,7 +23,7 @@ from .conversion_fixtures import (
     write_language_model,
     write_open_clip,
 )
-from .reference import assert_greedy_generation_matches
+from .reference import assert_greedy_generation_matches, vision_x
 
 TEXTS = [
     "a picture:<image>Output:a red circle<|endofchunk|>\n<image>Question:what is it? Short answer:",
@@ -76,7 +76,7 @@ def test_converted_logits_match_reference(family, every_n, vision, tmp_path, mon
     assert batch["attention_mask"][:, 0].eq(0).any()
     with torch.no_grad():
         ours = model(**batch).logits
-        theirs = reference(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        theirs = reference(vision_x(model, batch), batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     real = batch["attention_mask"].bool()
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
     assert ours[real].std() > 0.1  # the comparison is not between two near-constant outputs
@@ -90,7 +90,7 @@ def test_converted_generation_tokenizer_and_pixels_match_reference(family, visio
     for text in TEXTS + ["<|endofchunk|><image> plain words <PAD>"]:
         assert processor.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     images = pictures()
-    ours = processor(text=["<image>" * len(images)], images=[images])["pixel_values"][0, :, 0]
+    ours = processor(text=["<image>" * len(images)], images=[images])["pixel_values"]
     theirs = torch.stack([transform(image) for image in images])
     assert (ours - theirs).abs().max() <= 1e-6  # same PIL bicubic resize, same crop rounding
 
@@ -134,7 +134,7 @@ def test_vision_semantics_are_the_released_ones_by_default_and_configurable(visi
     for name, kwargs in {"released": {}, "gelu": {"quick_gelu": False},
                          "post_ln": {"vision_feature_post_layernorm": True}}.items():
         model, processor = load(convert(tmp_path / name, vision, checkpoint, lm_folder, 1, **kwargs))
-        pixels = processor(text=["<image>"], images=[pictures(1)])["pixel_values"]
+        pixels = processor(text=["<image>"], images=[pictures(1)])["pixel_values"][None, :, None]  # one sample
         with torch.no_grad():
             variants[name] = model.get_image_features(pixels)
     assert (variants["released"] - variants["gelu"]).abs().max() > 1e-3
@@ -152,7 +152,7 @@ def test_training_checkpoints_and_ddp_prefix_are_accepted(wrapping, vision, tmp_
     batch = processor(text=TEXTS[1:2], images=[pictures(1)])
     with torch.no_grad():
         ours = model(**batch).logits
-        theirs = reference(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        theirs = reference(vision_x(model, batch), batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (ours - theirs).abs().max() <= 1e-4
 
 

@@ -33,6 +33,7 @@ from .conversion_fixtures import (
     write_language_model,
     write_open_clip,
 )
+from .reference import vision_x
 from .test_conversion import TEXTS, load, pictures
 
 
@@ -142,7 +143,7 @@ def test_openflamingo_with_a_mosaic_gpt_language_model(mosaic_folder, vision, tm
     batch = processor(text=TEXTS, images=[images[:2], images[2:3], images[2:5]])
     with torch.no_grad():
         ours = model(**batch).logits
-        theirs = reference(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        theirs = reference(vision_x(model, batch), batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     real = batch["attention_mask"].bool()
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
 

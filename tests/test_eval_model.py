@@ -82,7 +82,8 @@ def test_images_shared_by_a_batch_are_encoded_once(colour_images):
 
     reference = processor(text=texts, images=images)  # every slot encoded
     with torch.no_grad():
-        features = model.get_image_features(reference["pixel_values"])
+        features = model.get_image_features(model.batched_pixel_values(reference["pixel_values"],
+                                                                       reference["input_ids"]))
     assert torch.equal(ours["input_ids"], reference["input_ids"])
     assert torch.equal(ours["attention_mask"], reference["attention_mask"])
     assert torch.allclose(ours["media_key_values"], model.get_media_key_values(features), atol=1e-5)

@@ -70,7 +70,7 @@ def test_from_parts_loads_folders(tmp_path):
     tokenizer.save_pretrained(tmp_path / "lm")
     model, processor = otter.from_parts(tmp_path / "clip", tmp_path / "lm", tmp_path / "lm", 2, **TINY_OTTER)
     assert model.config.text_config.model_type == "gpt_neox"
-    assert processor.padding_side == "left"
+    assert processor.tokenizer.padding_side == "left"
 
 
 def test_from_parts_rejects_a_non_clip_vision_model():
@@ -90,13 +90,17 @@ def test_forward_returns_loss_logits_cache_and_image_features(tiny, images):
     assert out.image_hidden_states.shape == (2, 2, config.perceiver_num_latents, config.vision_config.hidden_size)
 
 
-def test_five_dim_pixel_values_mean_one_frame(tiny, images):
+def test_the_processors_images_in_marker_order_six_and_five_dim_pixel_values_agree(tiny, images):
     model, processor = tiny
-    batch = two_sample_batch(processor, images)
+    batch = two_sample_batch(processor, images)  # pixel_values (3, C, H, W): 2 images, then 1
+    six = model.batched_pixel_values(batch["pixel_values"], batch["input_ids"])
+    assert six.shape == (2, 2, 1, 3, 32, 32) and not six[1, 1].any()  # sample 1's second slot: padding
+    assert torch.equal(six[0, :, 0], batch["pixel_values"][:2]) and torch.equal(six[1, 0, 0], batch["pixel_values"][2])
     with torch.no_grad():
-        six = model(**batch).logits
-        five = model(**{**batch, "pixel_values": batch["pixel_values"][:, :, 0]}).logits
-    assert torch.equal(six, five)
+        flat = model(**batch).logits
+        as_six = model(**{**batch, "pixel_values": six}).logits
+        five = model(**{**batch, "pixel_values": six[:, :, 0]}).logits
+    assert torch.equal(flat, as_six) and torch.equal(as_six, five)
 
 
 def test_samples_with_fewer_images_see_only_their_own(tiny, images):
@@ -108,7 +112,7 @@ def test_samples_with_fewer_images_see_only_their_own(tiny, images):
         batched = model(**batch).logits[1, -alone["input_ids"].shape[1]:]
         single = model(**alone).logits[0]
         # padded media content must not matter
-        noisy = dict(batch, pixel_values=batch["pixel_values"].clone())
+        noisy = dict(batch, pixel_values=model.batched_pixel_values(batch["pixel_values"], batch["input_ids"]))
         noisy["pixel_values"][1, 1] = torch.randn_like(noisy["pixel_values"][1, 1])
         batched_noise = model(**noisy).logits[1, -alone["input_ids"].shape[1]:]
     assert (batched - single).abs().max() < 1e-4
@@ -372,7 +376,7 @@ def test_video_frames_need_max_num_frames(images):
     model, processor = otter.tiny.build_tiny_otter("mpt", max_num_frames=3)
     set_gates(model)
     batch = processor(text=["<image>a video"], images=[images[:1]])
-    video = batch["pixel_values"].repeat(1, 1, 3, 1, 1, 1)  # (1, 1, 3, C, H, W)
+    video = batch["pixel_values"][None, :, None].repeat(1, 1, 3, 1, 1, 1)  # (1, 1, 3, C, H, W)
     video[0, 0, 1:] = torch.randn_like(video[0, 0, 1:])
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], pixel_values=video)
@@ -388,12 +392,15 @@ def test_video_frames_need_max_num_frames(images):
 def test_bad_inputs_get_clear_errors(tiny, images):
     model, processor = tiny
     batch = two_sample_batch(processor, images)
-    with pytest.raises(ValueError, match=r"pixel_values must be .* shape \(2, 3, 32, 32\)"):
-        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, 0, 0])
+    with pytest.raises(ValueError, match=r"pixel_values holds 2 images but input_ids hold 3 <image> tokens \(\[2, 1\]"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:2])
+    six = model.batched_pixel_values(batch["pixel_values"], batch["input_ids"])
+    with pytest.raises(ValueError, match=r"pixel_values must be .* shape \(2, 3, 32\)"):
+        model(input_ids=batch["input_ids"], pixel_values=six[:, 0, 0, :, 0])
     with pytest.raises(ValueError, match=r"sample\(s\) \[0\] hold more <image> tokens than the 1 media"):
-        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, :1])
+        model(input_ids=batch["input_ids"], pixel_values=six[:, :1])
     with pytest.raises(ValueError, match="batch of 1 but input_ids has 2 rows"):
-        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:1])
+        model(input_ids=batch["input_ids"], pixel_values=six[:1])
 
 
 def test_unknown_language_model_family_says_how_to_name_its_layers(images):
@@ -428,7 +435,8 @@ def test_a_generated_image_token_keeps_reading_the_prompts_last_image(tiny, imag
     attention_mask = torch.cat([batch["attention_mask"], torch.ones(2, 2, dtype=torch.long)], dim=1)
     with torch.no_grad():
         logits = model(input_ids=out.sequences[:, : length + 2], attention_mask=attention_mask,
-                       pixel_values=batch["pixel_values"], media_index=media_index).logits[:, -1]
+                       pixel_values=model.batched_pixel_values(batch["pixel_values"], batch["input_ids"]),
+                       media_index=media_index).logits[:, -1]
     assert out.logits[2].isfinite().all()
     assert torch.allclose(logits, out.logits[2], atol=1e-4)
 

@@ -6,7 +6,7 @@ import torch
 from otter.tiny import build_tiny_otter
 
 from .conftest import FAMILIES, set_gates
-from .reference import assert_greedy_generation_matches, reference_twin
+from .reference import assert_greedy_generation_matches, reference_twin, vision_x
 
 # the reference hard-codes these sizes
 OPENFLAMINGO_SIZES = dict(perceiver_depth=6, perceiver_heads=8, perceiver_dim_head=64, perceiver_num_latents=64,
@@ -35,7 +35,7 @@ def test_logits_match_reference(family, every_n, images):
     assert batch["attention_mask"][:, 0].eq(0).any(), "the batch must be left-padded"
     with torch.no_grad():
         ours = model(**batch).logits
-        theirs = reference(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        theirs = reference(vision_x(model, batch), batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     real = batch["attention_mask"].bool()
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
 
@@ -57,7 +57,7 @@ def test_beam_search_matches_reference(family, images):
                     pad_token_id=model.config.pad_token_id)
     ours = model.generate(**batch, **settings)
     with torch.no_grad():
-        theirs = reference.generate(batch["pixel_values"], batch["input_ids"], attention_mask=batch["attention_mask"],
+        theirs = reference.generate(vision_x(model, batch), batch["input_ids"], attention_mask=batch["attention_mask"],
                                     use_cache=True, **settings)
     assert torch.equal(ours, theirs)
 
@@ -74,7 +74,7 @@ def test_training_gradients_match_reference(family, images):
     theirs_trained = {"perceiver": reference.perceiver, **{f"block{i}": block for i, block in enumerate(theirs_blocks)}}
     losses = []
     for net, trained, run in ((model, ours_trained, lambda: model(**batch, labels=labels).loss),
-                              (reference, theirs_trained, lambda: reference(batch["pixel_values"], batch["input_ids"],
+                              (reference, theirs_trained, lambda: reference(vision_x(model, batch), batch["input_ids"],
                                                                             attention_mask=batch["attention_mask"],
                                                                             labels=labels).loss)):
         net.train()

@@ -18,12 +18,13 @@ def processor():
     return build_tiny_otter("gpt_neox")[1]
 
 
-def test_returns_ids_mask_and_padded_pixel_values(processor, images):
+def test_returns_ids_mask_and_the_images_in_marker_order(processor, images):
     batch = processor(text=["<image>Output:a<|endofchunk|><image>Output:", "<image>Output:"],
                       images=[images[:2], images[2:3]])
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
-    assert batch["pixel_values"].shape == (2, 2, 1, 3, 32, 32)
-    assert torch.equal(batch["pixel_values"][1, 1], torch.zeros(1, 3, 32, 32))  # padded media
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)  # every image of the batch, in marker order
+    alone = [processor(text="<image>", images=[image])["pixel_values"][0] for image in images[:3]]
+    assert torch.equal(batch["pixel_values"], torch.stack(alone))
     assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1  # left padding
     image_id = processor.image_token_id
     assert (batch["input_ids"] == image_id).sum(1).tolist() == [2, 1]
@@ -35,12 +36,12 @@ def test_flat_image_list_follows_marker_order(processor, images):
     flat = processor(text=texts, images=images[:3])
     assert torch.equal(nested["pixel_values"], flat["pixel_values"])
     single = processor(text="<image>a", images=images[0])
-    assert single["pixel_values"].shape == (1, 1, 1, 3, 32, 32)
+    assert single["pixel_values"].shape == (1, 3, 32, 32)
 
 
-def test_text_only(processor):
+def test_text_only_has_zero_images(processor):
     batch = processor(text=["no images here"])
-    assert "pixel_values" not in batch
+    assert batch["pixel_values"].shape == (0, 3, 32, 32)  # so that pipelines can batch it with samples that have some
 
 
 def test_marker_and_image_counts_must_agree_and_the_error_names_the_sample(processor, images):
@@ -56,7 +57,7 @@ def test_marker_and_image_counts_must_agree_and_the_error_names_the_sample(proce
 
 def test_pixel_values_are_clip_normalised(processor):
     red = Image.new("RGB", (50, 70), (255, 0, 0))
-    pixels = processor(text="<image>", images=[red])["pixel_values"][0, 0, 0]
+    pixels = processor(text="<image>", images=[red])["pixel_values"][0]
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
     expected = (torch.tensor([1.0, 0.0, 0.0]) - mean) / std
@@ -72,7 +73,7 @@ def test_image_modes_become_rgb(processor):
     assert load_image(rgba).getpixel((0, 0)) == (10, 200, 30)  # alpha dropped as open_clip does
     assert load_image(palette).getpixel((0, 0)) == (0, 0, 255)
     batch = processor(text="<image><image><image>", images=[rgba, grey, palette])
-    assert batch["pixel_values"].shape == (1, 3, 1, 3, 32, 32)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -97,15 +98,17 @@ def test_truncation_keeps_markers_and_images_paired(processor, images):
     marker = processor.image_token_id
     second = full["input_ids"][0].tolist().index(marker, 1)
     right = processor(text=[text], images=[images[:3]], max_length=second + 1)
-    assert (right["input_ids"] == marker).sum() == 2 and right["pixel_values"].shape[1] == 2
-    assert torch.equal(right["pixel_values"][0, :2], full["pixel_values"][0, :2])
-    right_cut = processor(text=[text], images=[images[:3]], max_length=second)
-    assert (right_cut["input_ids"] == marker).sum() == 1 and right_cut["pixel_values"].shape[1] == 1
-    processor.truncation_side = "left"
-    left = processor(text=[text], images=[images[:3]], max_length=length - 1)
+    assert (right["input_ids"] == marker).sum() == 2 and torch.equal(right["pixel_values"], full["pixel_values"][:2])
+    right_cut = processor(text=[text], images=[images[:3]], truncation=True, max_length=second)
+    assert (right_cut["input_ids"] == marker).sum() == 1 and right_cut["pixel_values"].shape[0] == 1
+    assert processor(text=[text], images=[images[:3]], truncation=False, max_length=second)["input_ids"].shape[1] == length
+    left = processor(text=[text], images=[images[:3]], max_length=length - 1, truncation_side="left")
     assert (left["input_ids"] == marker).sum() == 2
-    assert torch.equal(left["pixel_values"][0], full["pixel_values"][0, 1:])
+    assert torch.equal(left["pixel_values"], full["pixel_values"][1:])
     assert torch.equal(left["input_ids"][0], full["input_ids"][0, 1:])
+    processor.tokenizer.truncation_side = "left"  # the tokenizer's side is the default
+    assert torch.equal(processor(text=[text], images=[images[:3]], max_length=length - 1)["input_ids"],
+                       left["input_ids"])
 
 
 def test_decode_answers_returns_only_the_answer(processor):
@@ -126,7 +129,7 @@ def test_saved_next_to_the_weights_and_loaded_offline(tmp_path, images):
     from otter.tiny import build_tiny_otter
 
     model, processor = build_tiny_otter("llama")
-    processor.truncation_side = "left"
+    processor.tokenizer.truncation_side = "left"
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     expected = processor(text=["<image>Output:"], images=[images[0]])
@@ -141,7 +144,7 @@ model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r})
 batch = processor(text=["<image>Output:"], images=[Image.open({str(tmp_path / "image.png")!r})])
 expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 assert type(processor).__name__ == "OtterProcessor", type(processor)
-assert (processor.padding_side, processor.truncation_side) == ("left", "left")
+assert (processor.tokenizer.padding_side, processor.tokenizer.truncation_side) == ("left", "left")
 for key in expected:
     assert torch.allclose(batch[key].float(), expected[key].float()), key
 print(model.generate(**batch, max_new_tokens=2).shape)

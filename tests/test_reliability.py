@@ -169,7 +169,7 @@ def test_otter_chat_survives_an_overlong_message(saved, capsys, monkeypatch):
 
 def test_empty_prompts_and_beam_counts_below_one_are_refused(tiny, saved):
     model, processor = tiny
-    with pytest.raises(ValueError, match="text is an empty list"):
+    with pytest.raises(ValueError, match="text must be a string or a non-empty list of strings"):
         processor(text=[])
     with pytest.raises(ValueError, match=r"sample\(s\) \[1\] of the text tokenize to nothing"):
         processor(text=["hello", ""])

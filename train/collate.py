@@ -138,11 +138,11 @@ class Collator:
             what = "answer" if example.kind == INSTRUCTION else "trainable"
             return Skipped(f"no {what} tokens after truncation",
                            f"{example.key}: nothing to train on in the first {self.max_lengths[example.kind]} tokens")
-        pixel_values = inputs.get("pixel_values")
+        pixel_values = inputs["pixel_values"]  # (images, C, H, W)
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
-            "pixel_values": pixel_values[0] if pixel_values is not None else None,
+            "pixel_values": pixel_values[:, None] if len(pixel_values) else None,
         }
 
     def __call__(self, items: list) -> dict:
