@@ -147,6 +147,21 @@ class OtterPreTrainedModel(PreTrainedModel):
                 "folder?); tensors " + "; tensors ".join(problems))
         return (model, info) if output_loading_info else model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        transformers' `save_pretrained`, which also writes a model card when the folder has none: README.md with the
+        Hub's metadata, what the model is and a snippet that loads it (`otter.model_card`; the license and base model
+        of the folder it was loaded from carry over). An existing README.md is never overwritten.
+        """
+        card = Path(save_directory) / "README.md"
+        had_card = card.exists()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if not had_card and kwargs.get("is_main_process", True):
+            from .model_card import saved_model_card
+
+            saved_model_card(self, save_directory).save(card)
+        return result
+
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModel"):
         """Nothing to register: the class lives in the installed package, and `auto_map` points there (see

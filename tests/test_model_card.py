@@ -147,3 +147,24 @@ def test_the_shipped_model_has_an_mit_card_with_its_results_and_a_snippet_that_r
     assert regenerated.content == card.content, "the card is what `otter train shapesworld` writes"
     printed = run_snippet(card, cwd=tmp_path)  # no path to substitute: the package's own folder
     assert printed.startswith("What colour is the shape?")
+
+
+def test_save_pretrained_writes_a_card_when_the_folder_has_none_and_never_overwrites_one(tmp_path):
+    model, processor = build_tiny_otter()
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    card = ModelCard.load(tmp_path / "saved" / "README.md")
+    assert_hub_metadata(card)
+    assert card.data.license == "other" and card.data.base_model is None  # built from parts: nothing to carry over
+    run_snippet(card, cwd=tmp_path)
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my own card\n")
+    model.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "README.md").read_text() == "my own card\n"
+
+    model_card("saved", "A tiny model.", usage("saved"), base_model="org/base-model",
+               license="apache-2.0").save(tmp_path / "saved" / "README.md")
+    otter.OtterForConditionalGeneration.from_pretrained(tmp_path / "saved").save_pretrained(tmp_path / "again")
+    again = ModelCard.load(tmp_path / "again" / "README.md")
+    assert again.data.license == "apache-2.0" and again.data.base_model == ["org/base-model"]
