@@ -230,3 +230,21 @@ class TestStrictness:
         torch.save({"model_state_dict": state, "sneaky": Image.new("RGB", (2, 2))}, tmp_path / "pickled.pt")
         with pytest.raises(ValueError, match="weights_only"):
             convert(tmp_path, vision, tmp_path / "pickled.pt", lm_folder, 2)
+
+
+def test_a_converted_folder_works_in_the_image_text_to_text_pipeline(vision, tmp_path, monkeypatch):
+    from transformers import pipeline
+
+    _, _, _, checkpoint, lm_folder = release(tmp_path, vision, "mpt", 2, monkeypatch)
+    pipe = pipeline("image-text-to-text", model=str(convert(tmp_path, vision, checkpoint, lm_folder, 2)))
+    images = pictures(3)
+    chats = [[{"role": "user", "content": [{"type": "image", "image": image} for image in shown]
+               + [{"type": "text", "text": "What is it?"}]}] for shown in (images[:1], images[1:3])]
+    # the converted tokenizer has no <answer>: OpenFlamingo's variant of the chat format
+    assert pipe.processor.apply_chat_template(chats[0], add_generation_prompt=True) == "<image>User: What is it? GPT:"
+    settings = dict(max_new_tokens=4, do_sample=False, return_full_text=False)
+    alone = [pipe(text=conversation, **settings)[0]["generated_text"] for conversation in chats]
+    batched = [output[0]["generated_text"] for output in pipe(text=chats, batch_size=2, **settings)]
+    assert batched == alone
+    raw = pipe(images=images[:1], text="<image>Output:", **settings)
+    assert isinstance(raw[0]["generated_text"], str)
