@@ -3,7 +3,7 @@ mosaic_gpt (the custom-code MPT of MPT-1B-RedPajama, OpenFlamingo-3B's language 
 
 The weights are renamed as llm-foundry renames them (`.ln_` -> `.norm_`, `.mlp.mlp_up.` -> `.ffn.up_proj.`,
 `.mlp.mlp_down.` -> `.ffn.down_proj.`). Its QK LayerNorm, which `MptForCausalLM` reads from the config but ignores, is
-honoured by `otter.language_models.MptForCausalLMWithQKLayerNorm`: load the result with `otter.load_language_model`.
+honoured by `otter.language_models.OtterMptForCausalLM`: load the result with `otter.load_language_model`.
 """
 
 import json

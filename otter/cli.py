@@ -28,7 +28,7 @@ COMMAND_EXTRAS = {"train": "train", "eval": "eval"}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otter", description="Flamingo-style multimodal in-context learning.")
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the versions a bug report needs")
     commands = parser.add_subparsers(dest="command", required=True)
     # each package registers its own subcommands; imported here only, so `import otter` stays light
     from otter.conversion.cli import register as register_conversion
@@ -76,6 +76,14 @@ def is_user_error(error: BaseException) -> bool:
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
     return Path(traceback.tb_frame.f_code.co_filename).resolve().parent in _own_directories()
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, computed when asked for (it imports torch, which `otter --help` need not)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
 
 
 def version_line() -> str:

@@ -279,9 +279,6 @@ class OtterMptForCausalLM(OtterMptPreTrainedModel, MptForCausalLM):
         self.post_init()
 
 
-MptForCausalLMWithQKLayerNorm = OtterMptForCausalLM  # its name before it also ran the SDPA attention
-
-
 def sdpa_attentions(language_model: nn.Module, eager: bool | None = None) -> list[MptSdpaAttention]:
     """
     Every `MptSdpaAttention` of `language_model`, transformers' `MptAttention`s turned into one in place (same

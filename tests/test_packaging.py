@@ -44,8 +44,8 @@ def _wheel(tmp_path: Path) -> zipfile.ZipFile:
         pytest.skip(f"setuptools {setuptools.__version__} predates pyproject.toml's license expression (77)")
     source = tmp_path / "source"
     source.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", source)
-    shutil.copy(ROOT / "README.md", source)
+    for name in ("pyproject.toml", "setup.py", "requirements.txt", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source)
     for folder in ("otter", "conversion", "train", "eval"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
