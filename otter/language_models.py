@@ -320,6 +320,22 @@ def adopt_language_model(language_model: PreTrainedModel, attn_implementation: s
         attn_implementation)
 
 
+def lora_target_pattern(model_type: str, module_names: list[str] | None = None) -> str:
+    """
+    A regex (peft full-matches it against module names) for the language model's own layers named `module_names`
+    (default: peft's choice for the `model_type` family), inside Otter's decoder layers, never in the cross-attention
+    blocks or CLIP.
+    """
+    if module_names is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        if model_type not in DEFAULTS:
+            raise ValueError(f"peft has no default LoRA modules for {model_type!r}: set lora_target_modules")
+        module_names = DEFAULTS[model_type]
+    names = "|".join(map(str, module_names))
+    return rf"language_model\..*\.decoder_layer\.(?:.*\.)?(?:{names})"
+
+
 def needs_qk_layernorm(config: PretrainedConfig) -> bool:
     return config.model_type == "mpt" and bool(config.attn_config.qk_ln)
 

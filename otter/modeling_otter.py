@@ -82,6 +82,11 @@ def _check_model_folder(name, config_given: bool) -> None:
             model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
         except (ValueError, AttributeError) as error:
             raise DamagedModelError(f"{config_file} is not a model config (not a JSON object: {error})") from None
+        if not config_given and (model_type == "flamingo" or model_type == "otter" and "perceiver_num_latents" not in
+                                 json.loads(config_file.read_text(encoding="utf-8"))):
+            raise ValueError(f"{path} is a checkpoint of the Otter project's own code (model_type {model_type!r}), "
+                             f"whose layout this library does not load as it is: convert it with `otter convert otter "
+                             f"--model {path} --out NEW_FOLDER`")
         if model_type != "otter" and not config_given:
             raise ValueError(f"{path} is not an Otter model folder: {config_file} has model_type {model_type!r}, "
                              "expected 'otter' (convert a checkpoint with `otter convert`)")
@@ -285,11 +290,6 @@ class OtterModel(OtterPreTrainedModel):
             )
         batch, media, frames = pixel_values.shape[:3]
         max_frames = self.config.max_num_frames
-        if frames > 1 and max_frames is None:
-            raise ValueError(
-                f"pixel_values holds {frames} frames per media item, but this model has no frame embeddings; "
-                "build it with OtterConfig(max_num_frames=...) to take video frames"
-            )
         if max_frames is not None and frames > max_frames:
             raise ValueError(f"pixel_values holds {frames} frames per media item; this model takes at most {max_frames}")
         images = pixel_values.flatten(0, 2).to(self.vision_model.dtype)

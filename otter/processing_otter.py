@@ -73,13 +73,22 @@ def to_image(image) -> Image.Image:
 class OtterImageProcessor(CLIPImageProcessorPil):
     """
     CLIP preprocessing as open_clip and OpenAI CLIP do it, pixel for pixel: PIL resize of the shortest side, then a
-    centre crop whose offset is rounded as torchvision rounds it (transformers' crop floors it, a one-pixel shift on
-    odd margins), then mean/std normalisation.
+    centre crop whose offset is rounded as torchvision rounds it, then mean/std normalisation. `crop_offset="floor"`
+    crops as transformers' `CLIPImageProcessor` does (a one-pixel shift on odd margins): what the Otter project's
+    releases were run with.
     """
+
+    CROP_OFFSETS = ("round", "floor")
+
+    def __init__(self, crop_offset: str = "round", **kwargs):
+        if crop_offset not in self.CROP_OFFSETS:
+            raise ValueError(f"crop_offset must be one of {self.CROP_OFFSETS}, got {crop_offset!r}")
+        self.crop_offset = crop_offset
+        super().__init__(**kwargs)
 
     def center_crop(self, image, size, **kwargs):
         height, width = get_image_size(image, channel_dim=ChannelDimension.FIRST)
-        if size.height > height or size.width > width:
+        if self.crop_offset == "floor" or size.height > height or size.width > width:
             return super().center_crop(image, size, **kwargs)  # padding case: never reached after a shortest-side resize
         top = int(round((height - size.height) / 2.0))
         left = int(round((width - size.width) / 2.0))

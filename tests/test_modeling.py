@@ -372,7 +372,7 @@ def test_freeze_backbones_trains_perceiver_and_cross_attention(tiny):
     assert model.get_input_embeddings().weight.requires_grad
 
 
-def test_video_frames_need_max_num_frames(images):
+def test_frames_with_and_without_frame_embeddings(images):
     model, processor = otter.tiny.build_tiny_otter("mpt", max_num_frames=3)
     set_gates(model)
     batch = processor(text=["<image>a video"], images=[images[:1]])
@@ -384,9 +384,16 @@ def test_video_frames_need_max_num_frames(images):
     assert not torch.allclose(out.logits, one_frame.logits)
     with pytest.raises(ValueError, match="at most 3"):
         model(input_ids=batch["input_ids"], pixel_values=video.repeat(1, 1, 2, 1, 1, 1))
+    # without frame embeddings a medium of several frames is their tokens together (Otter's packed multi-image media)
     plain, _ = otter.tiny.build_tiny_otter("mpt")
-    with pytest.raises(ValueError, match="max_num_frames"):
-        plain(input_ids=batch["input_ids"], pixel_values=video)
+    set_gates(plain)
+    with torch.no_grad():
+        packed = plain(input_ids=batch["input_ids"], pixel_values=video).logits
+        features = plain.get_image_features(video)
+        tokens = plain.vision_model(pixel_values=video[0, 0]).last_hidden_state[:, 1:]  # (frames, patches, dim)
+        flattened = plain.perceiver(tokens.reshape(1, 1, 1, -1, tokens.shape[-1]))  # one frame of all the tokens
+    assert torch.allclose(features, flattened, atol=1e-6)
+    assert not torch.allclose(packed, plain(**batch).logits)
 
 
 def test_bad_inputs_get_clear_errors(tiny, images):

@@ -42,6 +42,7 @@ from transformers import get_scheduler
 
 from otter import OtterConfig, OtterForConditionalGeneration, OtterProcessor
 from otter.conversion.folders import honour_umask, limit_tokenizer_length
+from otter.language_models import lora_target_pattern
 from otter.model_card import CAPTION_PROMPT, CHAT_PROMPT, describe, hub_id, model_card, source_card, usage
 from otter.prompts import ANSWER_TOKEN
 
@@ -233,22 +234,6 @@ def _embedding_weights(model) -> list[torch.nn.Parameter]:
     return weights
 
 
-def lora_target_pattern(model: OtterForConditionalGeneration, module_names: list[str] | None) -> str:
-    """
-    A regex (peft full-matches it against module names) for the language model's own layers named `module_names`
-    (default: peft's choice for the family), inside the decoder layers, never in the cross-attention blocks or CLIP.
-    """
-    if module_names is None:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-        model_type = model.config.text_config.model_type
-        if model_type not in DEFAULTS:
-            raise ValueError(f"peft has no default LoRA modules for {model_type!r}: set lora_target_modules")
-        module_names = DEFAULTS[model_type]
-    names = "|".join(map(str, module_names))
-    return rf"language_model\..*\.decoder_layer\.(?:.*\.)?(?:{names})"
-
-
 def configure_training(model: OtterForConditionalGeneration, config: TrainingConfig, new_token_ids: list[int]):
     """
     Sets what trains and returns the module to train (the model, or a peft model around it with LoRA).
@@ -258,7 +243,8 @@ def configure_training(model: OtterForConditionalGeneration, config: TrainingCon
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=lora_target_pattern(model, config.lora_target_modules))
+                          target_modules=lora_target_pattern(model.config.text_config.model_type,
+                                                             config.lora_target_modules))
         trained = get_peft_model(model, lora)
     else:
         trained = model
