@@ -1,4 +1,4 @@
-"""`otter convert openflamingo | open-clip | mosaic-gpt`, registered by otter/cli.py. Imports stay inside the commands
+"""`otter convert openflamingo | otter | open-clip | mosaic-gpt`, registered by otter/cli.py. Imports stay inside the commands
 so that `otter --help` does not load torch."""
 
 import argparse
@@ -14,6 +14,14 @@ def _openflamingo(args) -> None:
         max_shard_size=args.max_shard_size, quick_gelu=args.quick_gelu,
         vision_feature_post_layernorm=args.vision_post_layernorm, command=args.command_line,
     )
+    print(f"wrote {args.out}")
+
+
+def _otter(args) -> None:
+    from .otter_hf import convert_otter
+
+    convert_otter(args.out, model=args.model, checkpoint=args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
+                  dtype=args.dtype, max_shard_size=args.max_shard_size, command=args.command_line)
     print(f"wrote {args.out}")
 
 
@@ -65,6 +73,18 @@ def register(commands) -> None:
                               help="feed the perceiver CLIP tokens after ln_post (the releases were trained without)")
     _common(openflamingo)
     openflamingo.set_defaults(func=_openflamingo)
+
+    otter = sources.add_parser("otter", help="an Otter-project checkpoint (Luodian's Otter, its Flamingo folders) -> "
+                                             "Otter folder")
+    otter.add_argument("--model", required=True,
+                       help="the Otter-project model folder or hub id (config.json + weights; e.g. luodian/OTTER-Image-MPT7B)")
+    otter.add_argument("--checkpoint", help="a trainable-only checkpoint (final_weights.pt, checkpoint_N.pt) over --model")
+    otter.add_argument("--tokenizer", help="the language model's tokenizer, folder or hub id (default: what the Otter "
+                                           "project loads: mosaicml/mpt-7b-instruct for MPT, the LLaMA config's path)")
+    otter.add_argument("--lora", choices=["merge", "adapter"], default="merge",
+                       help="LoRA adapters: merged into the weights, or kept as OUT/lora-adapter")
+    _common(otter)
+    otter.set_defaults(func=_otter)
 
     clip = sources.add_parser("open-clip", help="an open_clip vision tower -> CLIPVisionModel folder")
     _vision(clip, required=True)

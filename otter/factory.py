@@ -25,14 +25,18 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_image_processor(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                         resample: str = "bicubic") -> OtterImageProcessor:
-    """open_clip's inference transform: shortest side to `image_size` (bicubic), centre crop, CLIP mean/std."""
+def clip_image_processor(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resample: str = "bicubic",
+                         crop_offset: str = "round") -> OtterImageProcessor:
+    """
+    open_clip's inference transform: shortest side to `image_size` (bicubic), centre crop, CLIP mean/std;
+    `crop_offset="floor"`: transformers' CLIPImageProcessor's crop (see `OtterImageProcessor`).
+    """
     resamplers = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
     if resample not in resamplers:
         raise ValueError(f"resample must be one of {sorted(resamplers)}, got {resample!r}")
     return OtterImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                               image_mean=list(mean), image_std=list(std), resample=resamplers[resample])
+                               image_mean=list(mean), image_std=list(std), resample=resamplers[resample],
+                               crop_offset=crop_offset)
 
 
 def from_parts(
