@@ -58,7 +58,12 @@ def write_mosaic(folder: Path) -> None:
             block + "mlp.mlp_down.weight": random_like_init(d, 4 * d),
         })
     torch.save(state, folder / "pytorch_model.bin")
-    vocab = {f"t{i}": i for i in range(BASE_VOCAB - 1)} | {"<|endoftext|>": BASE_VOCAB - 1}
+    write_tokenizer(folder, BASE_VOCAB)
+
+
+def write_tokenizer(folder: Path, size: int) -> None:
+    """A word-level tokenizer of `size` tokens (gpt-neox-20b's size, without its merges), `<|endoftext|>` last."""
+    vocab = {f"t{i}": i for i in range(size - 1)} | {"<|endoftext|>": size - 1}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",

@@ -1,5 +1,5 @@
-"""`otter convert openflamingo | otter | open-clip | mosaic-gpt`, registered by otter/cli.py. Imports stay inside the commands
-so that `otter --help` does not load torch."""
+"""`otter convert openflamingo | otter | open-clip | mosaic-gpt`, registered by otter/cli.py. Imports stay inside the
+commands so that `otter --help` does not load torch."""
 
 import argparse
 
