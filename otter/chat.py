@@ -11,15 +11,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_HELP = ("the dtype the weights are cast to on load; unset, what runs well on the device: float32 on a CPU, "
               "bfloat16 on a CUDA GPU (float16 on one without bfloat16)")
 FORMATS = ("chat", "raw")
-CHAT_HELP = "commands: /image PATH (attach an image to the next message), /reset (forget the conversation), /quit"
+CHAT_HELP = ("commands: /image PATH, /video PATH (attach an image or a video to the next message), /reset (forget the "
+             "conversation), /quit")
 
 
 class ChatTurn(NamedTuple):
-    """One exchange of a conversation: the user's message, its images (PIL), and the model's answer."""
+    """One exchange of a conversation: the user's message, its images (PIL) and videos (`Video`), and the answer."""
 
     message: str
     images: list
     answer: str
+
+
+def media_kinds(media) -> list[str]:
+    """"image" or "video" for each medium (PIL images and `otter.processing_otter.Video`s); a count means images."""
+    from .processing_otter import Video
+
+    if isinstance(media, int):
+        return ["image"] * media
+    return ["video" if isinstance(medium, Video) else "image" for medium in media]
 
 
 def chat_template(prompt_format: str) -> str:
@@ -35,40 +45,46 @@ def chat_template(prompt_format: str) -> str:
     return jinja_template(answer_token=prompt_format == "chat")
 
 
-def chat_prompt(history: list[ChatTurn], message: str, num_images: int, template: str | None = None) -> str:
+def chat_prompt(history: list[ChatTurn], message: str, media, template: str | None = None) -> str:
     """
     The prompt for the next turn of a conversation: the earlier turns and `message`, rendered by the chat template
     (`template`, default Otter's format) up to where the answer starts. With Otter's format this is exactly the
-    training text of the same turns (`otter.train.data.instruction_text`) cut before the last answer.
+    training text of the same turns (`otter.train.data.instruction_text`) cut before the last answer. `media`:
+    the message's images and videos (or how many images).
     """
     from .prompts import chat_messages, render_chat
 
-    turns = [(turn.message, len(turn.images), turn.answer) for turn in history] + [(message, num_images, None)]
+    turns = [(turn.message, media_kinds(turn.images), turn.answer) for turn in history]
+    turns.append((message, media_kinds(media), None))
     return render_chat(chat_messages(turns), add_generation_prompt=True, template=template)
 
 
-def single_prompt(text: str, num_images: int, prompt_format: str | None, has_answer_token: bool) -> str:
+def single_prompt(text: str, media, prompt_format: str | None, has_answer_token: bool) -> str:
     """
-    `otter generate`'s prompt. Text with `<image>` markers is used as is (one marker per image); otherwise it is
-    wrapped: `chat` puts it in Otter's chat format (`<image>...User: {text} GPT:<answer>`), `raw` puts the images'
-    markers before it (OpenFlamingo style). `prompt_format=None` picks chat when the tokenizer knows `<answer>`.
+    `otter generate`'s prompt for `media` (its images and videos, or how many images). Text with `<image>` /
+    `<video>` markers is used as is (one marker per image or video, in order); otherwise it is wrapped: `chat` puts it
+    in Otter's chat format (`<image>...User: {text} GPT:<answer>`), `raw` puts the media's markers before it
+    (OpenFlamingo style). `prompt_format=None` picks chat when the tokenizer knows `<answer>`.
     """
-    from .prompts import IMAGE_TOKEN
+    import re
 
-    markers = text.count(IMAGE_TOKEN)
+    from .prompts import IMAGE_TOKEN, VIDEO_TOKEN
+
+    kinds = media_kinds(media)
+    markers = re.findall(f"{IMAGE_TOKEN}|{VIDEO_TOKEN}", text)
     if markers:
         if prompt_format is not None:
-            raise ValueError(f"--format {prompt_format} wraps a plain prompt; this prompt already holds <image> "
-                             "markers and is used as is (drop --format, or the markers)")
-        if markers != num_images:
-            raise ValueError(f"the prompt holds {markers} <image> markers but {num_images} images were given "
-                             "(--image): give one --image per marker, in order")
+            raise ValueError(f"--format {prompt_format} wraps a plain prompt; this prompt already holds <image> / "
+                             "<video> markers and is used as is (drop --format, or the markers)")
+        if markers != [f"<{kind}>" for kind in kinds]:
+            raise ValueError(f"the prompt holds the markers {''.join(markers)}, but {len(kinds)} images and videos "
+                             f"were given (--image, --video) in this order: {', '.join(kinds) or 'none'}")
         return text
     if prompt_format is None:
         prompt_format = "chat" if has_answer_token else "raw"
     if prompt_format == "raw":
-        return IMAGE_TOKEN * num_images + text
-    return chat_prompt([], text, num_images, chat_template("chat"))
+        return "".join(f"<{kind}>" for kind in kinds) + text
+    return chat_prompt([], text, media, chat_template("chat"))
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -116,6 +132,18 @@ def read_image(path: str):
     return load_image(path)
 
 
+def read_video(path: str, processor):
+    """A video file -> `Video` of the frames the processor samples (its `num_frames`); a ValueError naming it."""
+    from .processing_otter import DEFAULT_VIDEO_FRAMES, Video
+    from .video import read_video as decode
+
+    return Video(decode(path, num_frames=processor.num_frames or DEFAULT_VIDEO_FRAMES))
+
+
+def read_media(kind: str, path: str, processor):
+    return read_video(path, processor) if kind == "video" else read_image(path)
+
+
 def generation_kwargs(args) -> dict:
     """The `generate()` options the command line gave; decoding is greedy unless --do-sample."""
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
@@ -134,10 +162,17 @@ def generation_kwargs(args) -> dict:
 
 
 def answer(model, processor, prompt: str, images: list, **kwargs) -> str:
-    """The model's answer to `prompt` (with one image per `<image>` marker): the new tokens, up to `<|endofchunk|>`."""
+    """
+    The model's answer to `prompt` with `images` (PIL images and `Video`s, one per marker, in order): the new tokens,
+    up to `<|endofchunk|>`.
+    """
     import torch
 
-    inputs = processor(text=[prompt], images=[images]).to(model.device)
+    from .processing_otter import Video
+
+    videos = [medium.frames for medium in images if isinstance(medium, Video)]
+    images = [medium for medium in images if not isinstance(medium, Video)]
+    inputs = processor(text=[prompt], images=[images], videos=[videos]).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
@@ -160,14 +195,16 @@ def _seed(args) -> None:
 
 # -- otter generate -----------------------------------------------------------------------------------------------
 def run_generate(args) -> None:
+    from pathlib import Path
+
     kwargs = generation_kwargs(args)
-    try:
-        images = [read_image(path) for path in args.image]
-    except ValueError as error:
-        raise SystemExit(f"otter: {error}") from None
+    for kind, path in args.media:  # before the model loads
+        if not Path(path).is_file():
+            raise SystemExit(f"otter: {kind} {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
     model, processor = load_model(args.model, args.device, args.dtype)
     try:
-        prompt = single_prompt(args.prompt, len(images), args.format, _has_answer_token(processor))
+        images = [read_media(kind, path, processor) for kind, path in args.media]
+        prompt = single_prompt(args.prompt, images, args.format, _has_answer_token(processor))
     except ValueError as error:
         raise SystemExit(f"otter: {error}") from None
     _seed(args)
@@ -177,7 +214,7 @@ def run_generate(args) -> None:
 # -- otter chat ---------------------------------------------------------------------------------------------------
 def run_chat(args) -> None:
     from .language_models import max_positions
-    from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN
+    from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, VIDEO_TOKEN
 
     kwargs = generation_kwargs(args)
     model, processor = load_model(args.model, args.device, args.dtype)
@@ -189,7 +226,7 @@ def run_chat(args) -> None:
         print(f"otter chat: {args.model} ({prompt_format} format). {CHAT_HELP}", file=sys.stderr)
     _seed(args)
     history: list[ChatTurn] = []
-    pending: list = []  # images attached to the next message
+    pending: list = []  # images and videos attached to the next message
     while True:
         if interactive:
             print("> ", end="", flush=True)
@@ -207,29 +244,30 @@ def run_chat(args) -> None:
             pending.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if command == "/image":
+        if command in ("/image", "/video"):
             if not rest.strip():
-                print("error: /image needs a path: /image PATH", file=sys.stderr)
+                print(f"error: {command} needs a path: {command} PATH", file=sys.stderr)
                 continue
             try:
-                pending.append(read_image(rest.strip()))
+                pending.append(read_media(command[1:], rest.strip(), processor))
             except ValueError as error:
                 print(f"error: {error}", file=sys.stderr)
             continue
         if command.startswith("/"):
             print(f"error: unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
-        special = next((token for token in (IMAGE_TOKEN, END_OF_CHUNK, ANSWER_TOKEN) if token in line), None)
+        special = next((token for token in (IMAGE_TOKEN, VIDEO_TOKEN, END_OF_CHUNK, ANSWER_TOKEN) if token in line),
+                       None)
         if special is not None:
             print(f"error: a message cannot hold the special token {special}; attach images with /image PATH",
                   file=sys.stderr)
             continue
-        prompt = chat_prompt(history, line, len(pending), template)
+        prompt = chat_prompt(history, line, pending, template)
         if limit is not None:  # forget the oldest turns rather than overflow the language model's positions
             while history and len(processor.tokenizer(prompt)["input_ids"]) + kwargs["max_new_tokens"] > limit:
                 history.pop(0)
                 print("(context full: the oldest turn was forgotten)", file=sys.stderr)
-                prompt = chat_prompt(history, line, len(pending), template)
+                prompt = chat_prompt(history, line, pending, template)
         images = [image for turn in history for image in turn.images] + pending
         try:
             reply = answer(model, processor, prompt, images, **kwargs)
@@ -262,8 +300,12 @@ def register(commands) -> None:
         description="Answer one prompt about images; prints only the answer. A prompt with <image> markers is used "
                     "as is (one --image per marker); a plain prompt is wrapped in the model's format (--format).",
     )
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="an image file; repeat for several, in the order of the prompt's <image> markers")
+    parser.add_argument("--image", action="append", dest="media", default=[], metavar="PATH",
+                        type=lambda path: ("image", path),
+                        help="an image file; repeat for several, in the order of the prompt's markers")
+    parser.add_argument("--video", action="append", dest="media", metavar="PATH", type=lambda path: ("video", path),
+                        help="a video file (mp4, webm, avi, mkv, gif, ...; needs PyAV: pip install "
+                             "'otter-flamingo[video]'), sampled to the processor's num_frames")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     _add_generation_options(parser)
     parser.set_defaults(func=run_generate)

@@ -30,6 +30,8 @@ class OtterConfig(PreTrainedConfig):
             models); without it a media item must have exactly one frame.
         decoder_layers_attr (`str`, *optional*): dotted path from the causal LM to its decoder layers, for
             language models outside the known families (see `otter.language_models`).
+        vision_chunk_size (`int`, *optional*): the vision tower encodes at most this many frames at a time (a long
+            video's activations stay bounded); None encodes a batch's frames at once.
     """
 
     model_type = "otter"
@@ -69,6 +71,7 @@ class OtterConfig(PreTrainedConfig):
     only_attend_immediate_media: bool = True
     vision_feature_post_layernorm: bool = False
     decoder_layers_attr: str | None = None
+    vision_chunk_size: int | None = None
 
     def __post_init__(self, **kwargs):
         text_type = self.text_config.get("model_type") if isinstance(self.text_config, dict) else None
@@ -82,6 +85,8 @@ class OtterConfig(PreTrainedConfig):
             raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {self.cross_attn_every_n_layers}")
         if self.max_num_frames is not None and self.max_num_frames < 1:
             raise ValueError(f"max_num_frames must be None or >= 1, got {self.max_num_frames}")
+        if self.vision_chunk_size is not None and self.vision_chunk_size < 1:
+            raise ValueError(f"vision_chunk_size must be None or >= 1, got {self.vision_chunk_size}")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers' configs, with an `auto_map` pointing at `otter_auto.py`, written beside it (see

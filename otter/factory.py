@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, CLIPVisionModel, PreTrainedModel
 from .configuration_otter import OtterConfig
 from .language_models import load_language_model, max_positions
 from .modeling_otter import OtterForConditionalGeneration
-from .processing_otter import OtterImageProcessor, OtterProcessor
+from .processing_otter import DEFAULT_VIDEO_FRAMES, OtterImageProcessor, OtterProcessor
 from .prompts import END_OF_CHUNK, IMAGE_TOKEN
 
 PAD_TOKEN = "<PAD>"
@@ -37,6 +37,12 @@ def clip_image_processor(image_size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP
     return OtterImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                                image_mean=list(mean), image_std=list(std), resample=resamplers[resample],
                                crop_offset=crop_offset)
+
+
+def video_frames(config: OtterConfig) -> int | None:
+    """The frames a video is sampled to by default: the model's `max_num_frames`, capped at `DEFAULT_VIDEO_FRAMES`
+    (None, for a model without frame embeddings: the processor's default)."""
+    return min(config.max_num_frames, DEFAULT_VIDEO_FRAMES) if config.max_num_frames else None
 
 
 def from_parts(
@@ -79,5 +85,6 @@ def from_parts(
         **config_kwargs,
     )
     model = OtterForConditionalGeneration(config, vision_model=vision_model, language_model=language_model)
-    processor = OtterProcessor(image_processor=clip_image_processor(vision_model.config.image_size), tokenizer=tokenizer)
+    processor = OtterProcessor(image_processor=clip_image_processor(vision_model.config.image_size), tokenizer=tokenizer,
+                               num_frames=video_frames(config))
     return model, processor

@@ -275,10 +275,12 @@ class OtterModel(OtterPreTrainedModel):
         return [layer.gated_cross_attn_layer for layer in self.decoder_layers() if layer.gated_cross_attn_layer is not None]
 
     # -- media ------------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         `pixel_values` `(batch, media, frames, C, H, W)`, or `(batch, media, C, H, W)` for single frames ->
-        perceiver latents `(batch, media, num_latents, dim_visual)`.
+        perceiver latents `(batch, media, num_latents, dim_visual)`. `frame_mask` `(batch, media, frames)` marks the
+        real frames when media hold different numbers: the others are neither encoded nor read. The vision tower
+        encodes `config.vision_chunk_size` frames at a time when set.
         """
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(2)
@@ -292,12 +294,28 @@ class OtterModel(OtterPreTrainedModel):
         max_frames = self.config.max_num_frames
         if max_frames is not None and frames > max_frames:
             raise ValueError(f"pixel_values holds {frames} frames per media item; this model takes at most {max_frames}")
+        if frame_mask is not None and tuple(frame_mask.shape) != (batch, media, frames):
+            raise ValueError(f"frame_mask has shape {tuple(frame_mask.shape)}; pixel_values needs "
+                             f"{(batch, media, frames)}")
         images = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
-        tokens = self.vision_model(pixel_values=images).last_hidden_state[:, 1:]  # drop CLS
+        real = frame_mask.flatten().bool().to(images.device) if frame_mask is not None else None
+        encoded = self._vision_tokens(images if real is None else images[real])
+        if real is None:
+            tokens = encoded
+        else:
+            tokens = encoded.new_zeros(images.shape[0], *encoded.shape[1:])
+            tokens[real] = encoded
+        tokens = tokens.reshape(batch, media, frames, *tokens.shape[1:])
+        return self.perceiver(tokens, frame_mask)
+
+    def _vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's patch tokens `(images, patches, dim)` (CLS dropped), `config.vision_chunk_size` images at a time."""
+        chunk = self.config.vision_chunk_size or max(images.shape[0], 1)
+        tokens = torch.cat([self.vision_model(pixel_values=part).last_hidden_state[:, 1:]
+                            for part in (images.split(chunk) if images.shape[0] else [images])])
         if self.config.vision_feature_post_layernorm:
             tokens = self.vision_model.post_layernorm(tokens)
-        tokens = tokens.reshape(batch, media, frames, *tokens.shape[1:])
-        return self.perceiver(tokens)
+        return tokens
 
     def batched_pixel_values(self, pixel_values: torch.Tensor | None,
                              input_ids: torch.LongTensor | None) -> torch.Tensor | None:
@@ -409,7 +427,7 @@ class OtterModel(OtterPreTrainedModel):
             for layer in layers:
                 layer.media = None
 
-    def _media_key_values_for(self, pixel_values, media_key_values, input_ids=None):
+    def _media_key_values_for(self, pixel_values, media_key_values, input_ids=None, frame_mask=None):
         """
         Image features and per-block media keys/values for `pixel_values`. With `input_ids` (the full sequences), the
         media items after a sample's last `<image>` (batch padding) are not encoded: their features stay zero, and no
@@ -425,21 +443,23 @@ class OtterModel(OtterPreTrainedModel):
             used = torch.arange(media, device=input_ids.device) < self.media_index(input_ids)[:, -1:]
             used = None if used.all() or not used.any() else used.to(pixel_values.device)
         if used is None:
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values, frame_mask)
         else:
-            encoded = self.get_image_features(pixel_values[used].unsqueeze(0))[0]  # (used media, latents, dim)
+            used_frames = frame_mask[used].unsqueeze(0) if frame_mask is not None else None
+            encoded = self.get_image_features(pixel_values[used].unsqueeze(0), used_frames)[0]  # (used media, ...)
             image_features = encoded.new_zeros(*used.shape, *encoded.shape[1:])
             image_features[used] = encoded
         return image_features, self._media_key_values_per_block(image_features)
 
-    def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, **kwargs):
+    def _run(self, language_model, input_ids, pixel_values, media_key_values, media_index, cache, frame_mask=None,
+             **kwargs):
         """Run `language_model` (the causal LM, or its base model) conditioned on the media."""
         full_sequences = media_index is None and (cache is None or cache.get_seq_length() == 0)
         pixel_values = self.batched_pixel_values(pixel_values, input_ids if full_sequences else None)
         if full_sequences and input_ids is not None:
             self._check_prompt(input_ids, images_given=pixel_values is not None or media_key_values is not None)
         image_features, media_key_values = self._media_key_values_for(
-            pixel_values, media_key_values, input_ids if full_sequences else None)
+            pixel_values, media_key_values, input_ids if full_sequences else None, frame_mask)
         with self._conditioned_on(input_ids, media_key_values, media_index, cache):
             outputs = language_model(input_ids=input_ids, cache=cache, **kwargs)
         return image_features, outputs
@@ -454,6 +474,7 @@ class OtterModel(OtterPreTrainedModel):
         use_cache: bool | None = None,
         media_key_values: torch.Tensor | None = None,
         media_index: torch.LongTensor | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> OtterModelOutputWithPast:
         r"""
@@ -461,11 +482,13 @@ class OtterModel(OtterPreTrainedModel):
         processor returns them (every image of the batch in `<image>` order), or `(batch, media, frames, C, H, W)`
         (or 5-D for single frames), media padded with anything for samples with fewer images (padded media are never
         attended, nor encoded: their `image_hidden_states` are zeros).
+        `frame_mask` `(batch, media, frames)` (the processor's, when media hold different numbers of frames) marks the
+        real frames of 6-D pixel_values.
         `media_key_values` (from `get_media_key_values`) replaces pixel_values when the images were encoded already;
         `media_index` (from `media_index()` on the full sequence) is needed when decoding new tokens against `cache`.
         """
         image_features, outputs = self._run(
-            self.language_model.base_model, input_ids, pixel_values, media_key_values, media_index, cache,
+            self.language_model.base_model, input_ids, pixel_values, media_key_values, media_index, cache, frame_mask,
             attention_mask=attention_mask, use_cache=use_cache, **kwargs,
         )
         return OtterModelOutputWithPast(
@@ -503,6 +526,7 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         use_cache: bool | None = None,
         media_key_values: torch.Tensor | None = None,
         media_index: torch.LongTensor | None = None,
+        frame_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> OtterCausalLMOutputWithPast:
@@ -512,7 +536,7 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
         (0: all), as in transformers' causal LMs (`generate()` asks for the last one).
         """
         image_features, outputs = self._run(
-            self.language_model, input_ids, pixel_values, media_key_values, media_index, cache,
+            self.language_model, input_ids, pixel_values, media_key_values, media_index, cache, frame_mask,
             attention_mask=attention_mask, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
         return OtterCausalLMOutputWithPast(
@@ -546,7 +570,8 @@ class OtterForConditionalGeneration(OtterModel, GenerationMixin):
             self._check_prompt(input_ids, pixel_values is not None or kwargs.get("media_key_values") is not None,
                                new_tokens)
         if pixel_values is not None:
-            _, per_block = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"), input_ids)
+            _, per_block = self._media_key_values_for(pixel_values, kwargs.get("media_key_values"), input_ids,
+                                                      kwargs.pop("frame_mask", None))
             # stacked, batch first: generate() repeats it for beams and returned sequences
             kwargs["media_key_values"] = torch.stack(per_block, 1)
         if kwargs.get("media_key_values") is not None:

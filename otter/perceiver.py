@@ -29,10 +29,11 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         media `(N, tokens, dim)`, latents `(N, num_latents, dim)` -> `(N, num_latents, dim)`. Latents `(1, num_latents,
         dim)` are the same for every media item (the first layer's): their query, keys and values are computed once.
+        `key_mask` `(N, tokens)`: False for the media tokens no latent may read (padded frames).
         """
         count = media.shape[0]
         media = self.norm_media(media)
@@ -42,7 +43,11 @@ class PerceiverAttention(nn.Module):
         kv = torch.cat((self.to_kv(media), self.to_kv(latents).expand(count, -1, -1)), dim=1)
         k, v = kv.chunk(2, dim=-1)
         q, k, v = (rearrange(t, "n s (h d) -> n h s d", h=self.heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        if key_mask is not None:  # the latents' own keys are always read
+            mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], kv.shape[1] - key_mask.shape[1])], 1)
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(rearrange(out, "n h s d -> n s (h d)"))
 
 
@@ -51,7 +56,9 @@ class PerceiverResampler(nn.Module):
     Resamples each media item's tokens to `num_latents` latents.
 
     Input `(batch, media, frames, tokens, dim)`; output `(batch, media, num_latents, dim)`. Frames are flattened
-    with the tokens after adding a learned frame embedding (only when `max_num_frames` is set).
+    with the tokens after adding a learned frame embedding (only when `max_num_frames` is set). `frame_mask`
+    `(batch, media, frames)` marks the real frames of media padded to the batch's frame count: the latents never read
+    the others, so a medium gives the same latents alone and in any batch.
     """
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, num_latents: int, ff_mult: int,
@@ -64,13 +71,16 @@ class PerceiverResampler(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        batch, media, frames = features.shape[:3]
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, media, frames, tokens = features.shape[:4]
         if self.frame_embs is not None:
             features = features + self.frame_embs[:frames, None]
         media_tokens = rearrange(features, "b m f t d -> (b m) (f t) d")
+        key_mask = None
+        if frame_mask is not None:
+            key_mask = frame_mask.bool().reshape(batch * media, frames).repeat_interleave(tokens, dim=1)
         latents = self.latents[None]  # (1, num_latents, dim): broadcast over the media items by the first layer
         for attn, ff in self.layers:
-            latents = attn(media_tokens, latents) + latents
+            latents = attn(media_tokens, latents, key_mask) + latents
             latents = ff(latents) + latents
         return rearrange(self.norm(latents), "(b m) n d -> b m n d", b=batch, m=media)

@@ -1,7 +1,8 @@
 """OtterProcessor: images and interleaved text with `<image>` markers -> input_ids, attention_mask, pixel_values."""
 
 import os
-from typing import Literal, Unpack
+import re
+from typing import Literal, NamedTuple, Unpack
 
 import numpy as np
 import torch
@@ -13,7 +14,8 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .auto_module import PROCESSOR_AUTO_MAP, write_module
-from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, chat_template
+from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, VIDEO_TOKEN, chat_template
+from .video import is_video_file, read_video
 
 
 class UnreadableImageError(ValueError):
@@ -95,6 +97,43 @@ class OtterImageProcessor(CLIPImageProcessorPil):
         return image[..., top:top + size.height, left:left + size.width]
 
 
+DEFAULT_VIDEO_FRAMES = 16  # Otter's video models were trained on 16 or 32 frames of a video
+
+
+class Video(NamedTuple):
+    """A video's sampled frames (PIL images, paths or arrays), one medium of the model."""
+
+    frames: list
+
+
+class _PerSample(list):
+    """A list of one sample's images or videos (as opposed to a flat list over the batch)."""
+
+
+def _is_frame(item) -> bool:
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.ndim in (2, 3)
+    return isinstance(item, Image.Image) or isinstance(item, (str, os.PathLike)) and not is_video_file(item)
+
+
+def _is_video(item) -> bool:
+    """A video file, a 4-D array or tensor, or a non-empty list of frames."""
+    if isinstance(item, (str, os.PathLike)):
+        return is_video_file(item)
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.ndim == 4
+    return isinstance(item, (list, tuple)) and bool(item) and all(_is_frame(frame) for frame in item)
+
+
+def _as_list(items, is_video) -> list:
+    """`images=` / `videos=` as a list: one item, a flat list of items, or per-sample lists (as `_PerSample`)."""
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)) or is_video(items):
+        return [items]
+    return [_PerSample(item) if isinstance(item, (list, tuple)) and not is_video(item) else item for item in items]
+
+
 def default_chat_template(tokenizer) -> str:
     """Otter's chat template, with `<answer>` when the tokenizer has it (Otter's models), without it otherwise."""
     return chat_template(answer_token=ANSWER_TOKEN in tokenizer.get_vocab())
@@ -124,26 +163,31 @@ class OtterProcessor(ProcessorMixin):
     conventions: `processor(images=..., text=..., **kwargs)` takes every standard text and image kwarg, per call or in
     `text_kwargs` / `images_kwargs`, and `return_tensors` "pt" (default), "np" or None.
 
-    - `text`: a string or a list of strings with one `<image>` marker per image. `images`: one list per sample, or a
-      flat list in marker order across the batch; an image is a PIL image, a file path, a numpy array or a tensor
-      (HWC or CHW), an `http(s)://` URL or a `data:image/...` URL.
+    - `text`: a string or a list of strings with one `<image>` marker per image and one `<video>` marker per video
+      (the model reads a video's marker as `<image>`, as Otter's video models were trained). `images`: one list per
+      sample, or a flat list in marker order across the batch; an image is a PIL image, a file path, a numpy array or
+      a tensor (HWC or CHW), an `http(s)://` URL or a `data:image/...` URL. `videos` likewise; a video is a file
+      (decoded with PyAV), a list of frames, an array `(T, H, W, C)` or a tensor, sampled uniformly to `num_frames`
+      (a videos kwarg; default the processor's `num_frames`, the model's `max_num_frames` capped at 16) or at `fps`.
     - Output: `input_ids`, `attention_mask` (padded to the longest sample by default, on the tokenizer's
       `padding_side`, which Otter folders set to left, what batched generation needs) and `pixel_values`
       `(images, C, H, W)`: every image of the batch in marker order (none: zero rows), which the model sorts into
-      samples by their `<image>` tokens.
+      samples by their `<image>` tokens. With videos: `pixel_values` `(batch, media, frames, C, H, W)` (an image is
+      one frame) and, when media hold different numbers of frames, `frame_mask` `(batch, media, frames)`.
     - Truncation (`max_length`, on the tokenizer's `truncation_side` unless `truncation_side` is given) drops the
       images whose markers it cut, so markers and images always pair up; `truncation=False` turns it off.
     - The chat template is Otter's (`otter.prompts.chat_template`; without `<answer>` for tokenizers that lack it).
     """
 
     image_token = IMAGE_TOKEN
+    video_token = VIDEO_TOKEN  # in the text only: the model reads a video's marker as <image>, as Otter was trained
     eoc_token = END_OF_CHUNK
     valid_processor_kwargs = OtterProcessorKwargs
     text_kwargs = {"padding": "longest", "return_tensors": "pt"}  # defaults, under the caller's kwargs
     images_kwargs = {"return_tensors": "pt"}
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, padding_side=None,
-                 truncation_side=None, **kwargs):
+                 truncation_side=None, num_frames: int | None = None, **kwargs):
         # padding_side / truncation_side: what processor_config.json held before the tokenizer's became the one
         # setting; an Otter tokenizer that never chose pads left
         if tokenizer is not None:
@@ -158,6 +202,9 @@ class OtterProcessor(ProcessorMixin):
                 chat_template = default_chat_template(tokenizer)
             if tokenizer.chat_template is None:  # one template, the tokenizer's apply_chat_template too
                 tokenizer.chat_template = chat_template
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        self.num_frames = num_frames  # a video's frames by default (None: DEFAULT_VIDEO_FRAMES); saved
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
@@ -170,8 +217,6 @@ class OtterProcessor(ProcessorMixin):
 
     def __call__(self, images=None, text=None, videos=None, audio=None,
                  **kwargs: Unpack[OtterProcessorKwargs]) -> BatchFeature:
-        if videos is not None:
-            raise NotImplementedError("OtterProcessor does not take videos yet; pass frames as images, one <image> each")
         if audio is not None:
             raise ValueError("Otter models take images and text, not audio")
         if text is None:
@@ -186,6 +231,8 @@ class OtterProcessor(ProcessorMixin):
             raise ValueError(f"OtterProcessor does not support {unsupported} (its truncation keeps images and "
                              "<image> markers paired)")
         return_tensors = text_kwargs.get("return_tensors")
+        media = self._media_per_sample(texts, images, videos, merged["videos_kwargs"])
+        texts = [sample.replace(self.video_token, self.image_token) for sample in texts]  # what the model reads
 
         token_ids = self.tokenizer(texts, add_special_tokens=text_kwargs.get("add_special_tokens", True),
                                    **{key: value for key, value in text_kwargs.items()
@@ -193,7 +240,11 @@ class OtterProcessor(ProcessorMixin):
         empty = [index for index, ids in enumerate(token_ids) if not ids]
         if empty:
             raise ValueError(f"sample(s) {empty} of the text tokenize to nothing (an empty prompt)")
-        per_sample = self._images_per_sample(texts, token_ids, images)
+        for index, (ids, sample) in enumerate(zip(token_ids, media)):
+            if ids.count(self.image_token_id) != len(sample):
+                raise ValueError(f"sample {index} tokenizes to {ids.count(self.image_token_id)} <image> tokens for "
+                                 f"{len(sample)} images and videos: {texts[index][:80]!r}")
+        per_sample = media
         max_length = text_kwargs.get("max_length")
         truncation = text_kwargs.get("truncation")
         if truncation is None:
@@ -213,34 +264,78 @@ class OtterProcessor(ProcessorMixin):
         )
         data = dict(batch)
         images_kwargs["return_tensors"] = return_tensors
-        data["pixel_values"] = self._pixel_values([image for sample in per_sample for image in sample], images_kwargs)
+        if any(isinstance(medium, Video) for sample in per_sample for medium in sample):
+            data.update(self._video_pixel_values(per_sample, images_kwargs))
+        else:
+            data["pixel_values"] = self._pixel_values([image for sample in per_sample for image in sample],
+                                                      images_kwargs)
         return BatchFeature(data=data, tensor_type=None)
 
-    def _images_per_sample(self, texts, token_ids, images) -> list[list]:
-        counts = [ids.count(self.image_token_id) for ids in token_ids]
-        if images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        if images and all(isinstance(item, (list, tuple)) for item in images):
-            if len(images) != len(texts):
-                raise ValueError(f"got image lists for {len(images)} samples but {len(texts)} texts")
-            per_sample = [list(item) for item in images]
+    def _media_per_sample(self, texts, images, videos, videos_kwargs) -> list[list]:
+        """Each sample's images and `Video`s, in the order of its `<image>` and `<video>` markers."""
+        markers = [re.findall(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}", sample)
+                   for sample in texts]
+        images = self._per_sample("image", [[m for m in found if m == self.image_token] for found in markers],
+                                  _as_list(images, is_video=lambda item: False), texts)
+        videos = self._per_sample("video", [[m for m in found if m == self.video_token] for found in markers],
+                                  _as_list(videos, is_video=_is_video), texts)
+        num_frames = videos_kwargs.get("num_frames") or self.num_frames or DEFAULT_VIDEO_FRAMES
+        fps = videos_kwargs.get("fps")
+        media = []
+        for found, sample_images, sample_videos in zip(markers, images, videos):
+            sample_images, sample_videos = iter(sample_images), iter(sample_videos)
+            media.append([next(sample_images) if marker == self.image_token else
+                          Video(read_video(next(sample_videos), num_frames=num_frames, fps=fps)) for marker in found])
+        return media
+
+    @staticmethod
+    def _per_sample(kind: str, markers: list[list], items: list, texts) -> list[list]:
+        """`items` (a flat list in marker order across the batch, or one list per sample) split into samples."""
+        counts = [len(found) for found in markers]
+        if items and all(isinstance(item, _PerSample) for item in items):
+            if len(items) != len(texts):
+                raise ValueError(f"got {kind} lists for {len(items)} samples but {len(texts)} texts")
+            per_sample = [list(item) for item in items]
         else:
-            if any(isinstance(item, (list, tuple)) for item in images):
-                raise ValueError("images must be a flat list, or one list per sample, not a mix of both")
-            if len(images) != sum(counts):
-                raise ValueError(
-                    f"the texts hold {sum(counts)} <image> markers ({counts} per sample) but {len(images)} images were given"
-                )
+            if any(isinstance(item, _PerSample) for item in items):
+                raise ValueError(f"{kind}s must be a flat list, or one list per sample, not a mix of both")
+            if len(items) != sum(counts):
+                raise ValueError(f"the texts hold {sum(counts)} <{kind}> markers ({counts} per sample) but "
+                                 f"{len(items)} {kind}s were given")
             starts = [sum(counts[:i]) for i in range(len(counts))]
-            per_sample = [list(images[start:start + count]) for start, count in zip(starts, counts)]
-        for index, (count, sample_images) in enumerate(zip(counts, per_sample)):
-            if count != len(sample_images):
-                raise ValueError(
-                    f"sample {index} has {count} <image> markers but {len(sample_images)} images: {texts[index][:80]!r}"
-                )
+            per_sample = [list(items[start:start + count]) for start, count in zip(starts, counts)]
+        for index, (count, sample) in enumerate(zip(counts, per_sample)):
+            if count != len(sample):
+                raise ValueError(f"sample {index} has {count} <{kind}> markers but {len(sample)} {kind}s: "
+                                 f"{texts[index][:80]!r}")
         return per_sample
+
+    def _video_pixel_values(self, per_sample: list[list], images_kwargs: dict) -> dict:
+        """
+        `pixel_values` `(batch, media, frames, C, H, W)` (an image is a medium of one frame; zeros pad frames and
+        media) and, when the real media hold different numbers of frames, `frame_mask` `(batch, media, frames)`.
+        """
+        frames = [medium.frames if isinstance(medium, Video) else [medium] for sample in per_sample for medium in sample]
+        pixels = np.asarray(self.image_processor([to_image(frame) for medium in frames for frame in medium],
+                                                 **{**images_kwargs, "return_tensors": "np"})["pixel_values"])
+        most_media = max(len(sample) for sample in per_sample)
+        most_frames = max(len(medium) for medium in frames)
+        out = np.zeros((len(per_sample), most_media, most_frames, *pixels.shape[1:]), dtype=pixels.dtype)
+        mask = np.zeros(out.shape[:3], dtype=np.int64)
+        offset, medium_index = 0, 0
+        for row, sample in enumerate(per_sample):
+            for column in range(len(sample)):
+                count = len(frames[medium_index])
+                out[row, column, :count] = pixels[offset:offset + count]
+                mask[row, column, :count] = 1
+                offset += count
+                medium_index += 1
+        data = {"pixel_values": out}
+        if len({len(medium) for medium in frames}) > 1:
+            data["frame_mask"] = mask
+        return_tensors = images_kwargs.get("return_tensors")
+        convert = {"pt": torch.from_numpy, "np": lambda array: array}.get(return_tensors, lambda array: array.tolist())
+        return {name: convert(value) for name, value in data.items()}
 
     def _truncate(self, ids: list[int], images: list, max_length: int, side: str) -> tuple[list[int], list]:
         if len(ids) <= max_length:
@@ -292,7 +387,7 @@ class OtterProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values", "frame_mask"]
 
 
 __all__ = ["OtterProcessor", "UnreadableImageError", "load_image", "to_image"]

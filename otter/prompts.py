@@ -5,6 +5,7 @@ from functools import cache
 from pathlib import Path
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # marks a video in a prompt; the processor writes <image> for it
 END_OF_CHUNK = "<|endofchunk|>"
 ANSWER_TOKEN = "<answer>"
 
@@ -110,14 +111,16 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False, templ
     return rendered[0]
 
 
-def chat_messages(turns: list[tuple[str, int, str | None]]) -> list[dict]:
+def chat_messages(turns: list[tuple[str, int | list[str], str | None]]) -> list[dict]:
     """
-    (text, number of images, answer or None) per turn -> transformers' messages: a user message with its images and
-    text, then, when the turn has an answer, the assistant's.
+    (text, its media: a number of images or a list of "image" / "video", answer or None) per turn -> transformers'
+    messages: a user message with its media and text, then, when the turn has an answer, the assistant's.
     """
     messages = []
-    for text, images, answer in turns:
-        messages.append({"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]})
+    for text, media, answer in turns:
+        kinds = ["image"] * media if isinstance(media, int) else list(media)
+        content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": text}]
+        messages.append({"role": "user", "content": content})
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages

@@ -74,7 +74,7 @@ def test_generate_format_can_be_forced(folders, capsys, monkeypatch):
 
 def test_generate_errors_name_the_problem(folders):
     red = str(folders / "red.png")
-    with pytest.raises(SystemExit, match="holds 2 <image> markers but 1 images"):
+    with pytest.raises(SystemExit, match="holds the markers <image><image>, but 1 images and videos"):
         main(["generate", "--model", str(folders / "raw"), "--image", red, "--prompt", "<image>a<image>b"])
     missing = str(folders / "nowhere.png")
     with pytest.raises(SystemExit, match="nowhere.png does not exist"):
@@ -92,7 +92,7 @@ def test_single_prompt_formats():
     assert single_prompt("hi", 0, None, has_answer_token=True) == "User: hi GPT:<answer>"
     assert single_prompt("hi", 1, None, has_answer_token=False) == "<image>hi"
     assert single_prompt("hi", 1, "chat", has_answer_token=False) == "<image>User: hi GPT:<answer>"
-    with pytest.raises(ValueError, match="holds 1 <image> markers but 3 images"):
+    with pytest.raises(ValueError, match="holds the markers <image>, but 3 images and videos"):
         single_prompt("<image>hi", 3, None, has_answer_token=True)
 
 

@@ -101,10 +101,8 @@ def test_images_as_arrays_tensors_paths_and_urls(tiny, tmp_path):
         server.shutdown()
 
 
-def test_videos_are_not_taken_yet_and_generated_text_is_decoded(tiny):
+def test_generated_text_is_decoded(tiny):
     model, processor = tiny
-    with pytest.raises(NotImplementedError, match="videos"):
-        processor(text="<image>", videos=[[picture("red")]])
     inputs = processor(images=[picture("red")], text="<image>Output:")
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     texts = processor.post_process_image_text_to_text(generated)
