@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPVisionConfig, GenerationConfig, LlamaConfig, MptConfig
 
 from otter.configuration_otter import OtterConfig
-from otter.factory import PAD_TOKEN, clip_image_processor
+from otter.factory import PAD_TOKEN, clip_image_processor, video_frames
 from otter.language_models import build_language_model, lora_target_pattern
 from otter.model_card import CHAT_PROMPT, CAPTION_PROMPT, describe, hub_id, model_card, usage
 from otter.modeling_otter import OtterForConditionalGeneration
@@ -246,7 +246,8 @@ def convert_otter(out, model: str, checkpoint: str | None = None, tokenizer: str
         )
         generation.save_pretrained(partial)
         image_processor = clip_image_processor(vision_config.image_size, crop_offset="floor")
-        OtterProcessor(image_processor=image_processor, tokenizer=text_tokenizer).save_pretrained(partial)
+        OtterProcessor(image_processor=image_processor, tokenizer=text_tokenizer,
+                       num_frames=video_frames(config)).save_pretrained(partial)
         _card(out, model, checkpoint, tokenizer_name, folder, config, family, flamingo, adapters, lora, dtype,
               command).save(partial / "README.md")
 

@@ -46,6 +46,7 @@ def test_converted_releases_compute_what_otters_code_computes(kind, tmp_path):
     release = write_release(tmp_path / "release", kind)
     model, processor = convert(release, tmp_path / "converted")
     assert_same_logits(model, release, example_inputs(release))
+    assert processor.num_frames == (min(release.config["max_num_frames"], 16) if kind == "video" else None)
     # the tokenizer is Otter's, token for token (<answer> on the id OpenFlamingo gave <PAD>; Flamingo has none)
     assert processor.tokenizer.get_vocab() == release.tokenizer.get_vocab()
     for token in ("<image>", "<|endofchunk|>"):
