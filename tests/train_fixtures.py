@@ -15,9 +15,10 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), 
 QUESTION = "What colour is the image?"
 
 
-def save_tiny_model(folder: Path, family: str = "gpt_neox") -> Path:
-    """A tiny random Otter folder (cross-attention every 2 layers), as `otter train --model` takes it."""
-    model, processor = build_tiny_otter(family, cross_attn_every_n_layers=2)
+def save_tiny_model(folder: Path, family: str = "gpt_neox", **config) -> Path:
+    """A tiny random Otter folder (cross-attention every 2 layers), as `otter train --model` takes it; `config`: more
+    `OtterConfig` fields (e.g. `max_num_frames` for frame embeddings)."""
+    model, processor = build_tiny_otter(family, cross_attn_every_n_layers=2, **config)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

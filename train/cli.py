@@ -45,6 +45,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freeze-vision", action="store_true", default=None,
                         help="with --full: keep the vision encoder frozen")
     parser.add_argument("--max-length", type=int, help="tokens kept per instruction example (default 512)")
+    parser.add_argument("--resample-frames", type=int, metavar="N",
+                        help="frames sampled uniformly from each video (finetune; default 16, as Otter)")
+    parser.add_argument("--video-sets", nargs="*", metavar="NAME",
+                        help="the MIMIC-IT subsets whose instructions are videos (finetune; default: Otter's DC, E4D, "
+                             "TVC, FunQA, VideoQA; none given: no subset)")
     parser.add_argument("--seed", type=int, help="data order, augmentation and initialisation (default 42)")
     parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per process (default 2)")
     parser.add_argument("--tensorboard", action="store_true", default=None, help="log to out/logs for TensorBoard")

@@ -1,9 +1,9 @@
 """
 Tokenization, labels and batching: one collator for every kind of training text.
 
-`Collator.encode` runs the inference processor on one `Example` (so training sees the images and tokens that
-inference sees), truncates it, and labels it; `Collator.__call__` pads encoded examples into a batch and counts the
-records that were skipped. The label rules are plain functions over token ids, tested token by token.
+`Collator.encode` runs the inference processor on one `Example` (so training sees the images, videos and tokens that
+inference sees), truncates it, and labels it; `Collator.__call__` pads encoded examples into a batch, in the layout
+the processor gives a batch, and counts the records that were skipped. The label rules are plain functions over token ids, tested token by token.
 """
 
 import copy
@@ -74,13 +74,16 @@ class Collator:
             for instruction data, `<answer>`. It is copied, truncating on the right.
         max_length: tokens kept of an instruction example (web data use `web.max_tokens_*`).
         web: OpenFlamingo's preprocessing options for web data.
-        augment: flip all images of an example horizontally with probability 0.5 (OpenFlamingo's augmentation).
+        augment: flip all images and video frames of an example horizontally with probability 0.5 (OpenFlamingo's
+            augmentation).
         seed: with the epoch and the example's key, seeds the example's random choices.
 
     A batch is a dict: `input_ids`, `attention_mask`, `labels` `(batch, length)` padded on the right;
-    `pixel_values` `(batch, max_images, 1, C, H, W)` when any example has images (zeros for missing images);
-    `num_examples`; `skipped`, a `Counter` of reasons for the records of this batch that were dropped, and
-    `skipped_details`, what was wrong with the first few of them.
+    `pixel_values` `(batch, max_media, max_frames, C, H, W)` when any example has media (an image is a medium of one
+    frame, so a batch without videos is `(batch, max_images, 1, C, H, W)`; zeros pad media and frames) and, when the
+    media hold different numbers of frames, `frame_mask` `(batch, max_media, max_frames)` (1 for real frames), as the
+    processor returns them for the same samples; `num_examples`; `skipped`, a `Counter` of reasons for the records of
+    this batch that were dropped, and `skipped_details`, what was wrong with the first few of them.
     """
 
     def __init__(self, processor, max_length: int = 512, web: WebDataOptions | None = None, augment: bool = False,
@@ -115,14 +118,19 @@ class Collator:
 
     def encode(self, example: Example, epoch: int = 0) -> dict | Skipped:
         """
-        One example -> `input_ids`, `labels` `(length,)` and `pixel_values` `(images, 1, C, H, W)` (None without
-        images), or a `Skipped` when truncation leaves nothing to train on or an OpenFlamingo filter drops it.
+        One example -> `input_ids`, `labels` `(length,)`, `pixel_values` `(media, frames, C, H, W)` in marker order
+        (an image is one frame; None without media) and `num_frames` `(media,)`, or a `Skipped` when truncation leaves
+        nothing to train on or an OpenFlamingo filter drops it. A video's frames are sampled already (`data.sampled`).
         """
         rng = random.Random(f"{self.seed}:{epoch}:{example.key}")
-        images = example.images
+        images, videos = example.images, example.videos
         if self.augment and rng.random() < 0.5:
             images = [ImageOps.mirror(image) for image in images]
-        inputs = self.processor(text=[example.text], images=[images], max_length=self.max_lengths[example.kind])
+            videos = [[ImageOps.mirror(frame) for frame in frames] for frames in videos]
+        # videos: every frame given is kept (num_frames is their count, so the processor samples nothing again)
+        video_inputs = dict(videos=[videos], num_frames=max(len(frames) for frames in videos)) if videos else {}
+        inputs = self.processor(text=[example.text], images=[images], max_length=self.max_lengths[example.kind],
+                                **video_inputs)
         input_ids = inputs["input_ids"][0].tolist()
         if example.kind == INTERLEAVED:
             # OpenFlamingo's filters on MMC4 documents, applied after truncation as there
@@ -138,11 +146,19 @@ class Collator:
             what = "answer" if example.kind == INSTRUCTION else "trainable"
             return Skipped(f"no {what} tokens after truncation",
                            f"{example.key}: nothing to train on in the first {self.max_lengths[example.kind]} tokens")
-        pixel_values = inputs["pixel_values"]  # (images, C, H, W)
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.ndim == 4:  # images only (or no media left): (images, C, H, W)
+            pixel_values, num_frames = pixel_values[:, None], torch.ones(len(pixel_values), dtype=torch.long)
+        else:  # with videos: (1, media, frames, C, H, W), and frame_mask when the frame counts differ
+            pixel_values = pixel_values[0]
+            frame_mask = inputs.get("frame_mask")
+            num_frames = frame_mask[0].sum(-1) if frame_mask is not None else \
+                torch.full((len(pixel_values),), pixel_values.shape[1], dtype=torch.long)
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
-            "pixel_values": pixel_values[:, None] if len(pixel_values) else None,
+            "pixel_values": pixel_values if len(pixel_values) else None,
+            "num_frames": num_frames if len(pixel_values) else None,
         }
 
     def __call__(self, items: list) -> dict:
@@ -168,15 +184,34 @@ class Collator:
             attention_mask[row, :size] = 1
             labels[row, :size] = item["labels"]
         batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        with_images = [item["pixel_values"] for item in encoded if item["pixel_values"] is not None]
-        if with_images:
-            most = max(pixels.shape[0] for pixels in with_images)
-            pixel_values = with_images[0].new_zeros(len(encoded), most, *with_images[0].shape[1:])
-            for row, item in enumerate(encoded):
-                if item["pixel_values"] is not None:
-                    pixel_values[row, : item["pixel_values"].shape[0]] = item["pixel_values"]
-            batch["pixel_values"] = pixel_values
+        batch.update(self._media(encoded))
         return batch
+
+    @staticmethod
+    def _media(encoded: list[dict]) -> dict:
+        """
+        `pixel_values` `(batch, media, frames, C, H, W)` (zeros pad media and frames) and, when the media hold different
+        numbers of frames, `frame_mask` `(batch, media, frames)`: the processor's layout for the same samples. Without
+        videos, frames is 1: the images' layout.
+        """
+        with_media = [item for item in encoded if item["pixel_values"] is not None]
+        if not with_media:
+            return {}
+        first = with_media[0]["pixel_values"]
+        most_media = max(item["pixel_values"].shape[0] for item in with_media)
+        most_frames = max(item["pixel_values"].shape[1] for item in with_media)
+        pixel_values = first.new_zeros(len(encoded), most_media, most_frames, *first.shape[2:])
+        frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.long)
+        for row, item in enumerate(encoded):
+            if item["pixel_values"] is not None:
+                media, frames = item["pixel_values"].shape[:2]
+                pixel_values[row, :media, :frames] = item["pixel_values"]
+                for column, count in enumerate(item["num_frames"].tolist()):
+                    frame_mask[row, column, :count] = 1
+        counts = torch.cat([item["num_frames"] for item in with_media])
+        if (counts != counts[0]).any():
+            return {"pixel_values": pixel_values, "frame_mask": frame_mask}
+        return {"pixel_values": pixel_values}
 
 
 __all__ = ["Collator", "IGNORE_INDEX", "instruction_labels", "interleaved_labels", "pair_labels"]

@@ -5,14 +5,17 @@ Every source turns its records into `Example`s (text with `<image>` markers, the
 the kind of text, which decides the labels) or, for a record it cannot use, a `Skipped` that says why. Nothing is
 dropped silently: the trainer counts every `Skipped` and reports the counts.
 
-- `JsonlInstructions`: the custom instruction format, one JSON object per line (see train/README.md).
-- `MimicItInstructions`: MIMIC-IT's instruction JSON, its images (base64 JSON or parquet), its optional train config.
+- `JsonlInstructions`: the custom instruction format, one JSON object per line (see train/README.md); images, video
+  files and videos given as lists of frame files.
+- `MimicItInstructions`: MIMIC-IT's instruction JSON, its images (base64 JSON or parquet), its optional train config;
+  in a video subset, each instruction's images are the frames of one video.
 - `web_examples`: MMC4-style interleaved documents and LAION-style image-text pairs from webdataset shards, following
   OpenFlamingo's preprocessing rules (open_flamingo/train/data.py).
 """
 
 import base64
 import binascii
+import importlib.util
 import io
 import json
 import logging
@@ -27,11 +30,17 @@ import numpy as np
 from PIL import Image
 
 from otter.processing_otter import UnreadableImageError, load_image
-from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, chat_messages, render_chat
+from otter.prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, VIDEO_TOKEN, chat_messages, render_chat
+from otter.video import UnreadableVideoError, read_video, uniform_indices
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK, ANSWER_TOKEN)
+# what the text of a record may not hold: the markers and the tokens that structure a sequence (a literal <video> would
+# be read as a video's marker)
+SPECIAL_TOKENS = (IMAGE_TOKEN, VIDEO_TOKEN, END_OF_CHUNK, ANSWER_TOKEN)
+RESAMPLE_FRAMES = 16  # a video's frames, sampled uniformly (Otter's resample_frames default)
+# the MIMIC-IT subsets whose instructions the Otter project reads as videos (its mimicit_dataset.py: video_data_list)
+OTTER_VIDEO_SETS = ("DC", "E4D", "TVC", "FunQA", "VideoQA")
 # what a broken or unreadable image raises in PIL (UnidentifiedImageError and truncation errors are OSErrors)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -45,7 +54,8 @@ KINDS = (INSTRUCTION, INTERLEAVED, PAIR)
 class Example:
     """
     One training sequence before tokenization: `text` holds one `<image>` marker per entry of `images` (PIL images,
-    in marker order). `kind` is one of `KINDS`. `key` names the record in messages and seeds its random choices
+    in marker order) and one `<video>` marker per entry of `videos` (each a list of PIL frames, sampled already, in
+    marker order). `kind` is one of `KINDS`. `key` names the record in messages and seeds its random choices
     (augmentation, OpenFlamingo's single-image coin) so they do not depend on the process or worker that reads it.
     """
 
@@ -53,6 +63,7 @@ class Example:
     images: list
     kind: str
     key: str
+    videos: list = field(default_factory=list)
 
 
 @dataclass
@@ -65,21 +76,36 @@ class Skipped:
 
 @dataclass
 class Turn:
-    """One instruction and its answer, with the images it refers to (file paths or image ids, loaded lazily)."""
+    """
+    One instruction and its answer, with the media it refers to, loaded lazily: `images` (file paths or image ids) and
+    `videos`, each a video file's path or a list of its frames (file paths or image ids), before sampling.
+    """
 
     instruction: str
     answer: str
     images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
+
+    @property
+    def media_kinds(self) -> list[str]:
+        """The turn's media in the order the text shows them: its images, then its videos."""
+        return ["image"] * len(self.images) + ["video"] * len(self.videos)
 
 
 def instruction_text(turns: list[Turn]) -> str:
     """
     Otter's training text: the turns as a conversation rendered by Otter's chat template (`otter.prompts.chat_template`,
     what `processor.apply_chat_template` and `otter chat` render): `<image>User: {instruction} GPT:<answer> {answer}`
-    and `<|endofchunk|>` per turn, in-context turns first, joined by newlines. A turn with several images shows each
-    before its own label, a turn with none has no marker (`otter.prompts.with_images`).
+    and `<|endofchunk|>` per turn, in-context turns first, joined by newlines. A video's marker is `<video>`. A turn
+    with several media shows each before its own label (`<image>Image 1. <video>Video 2. User: ...`), a turn with
+    none has no marker (`otter.prompts.with_images`).
     """
-    return render_chat(chat_messages([(turn.instruction, len(turn.images), turn.answer) for turn in turns]))
+    return render_chat(chat_messages([(turn.instruction, turn.media_kinds, turn.answer) for turn in turns]))
+
+
+def sampled(frames: list, resample_frames: int) -> list:
+    """A video's frames (or their ids) sampled uniformly as Otter does (`otter.video.uniform_indices`)."""
+    return [frames[index] for index in uniform_indices(len(frames), resample_frames)]
 
 
 def _special_token_in(*texts: str) -> str | None:
@@ -135,17 +161,24 @@ class JsonlInstructions:
 
         {"images": ["img/cat.jpg"], "instruction": "What animal is this?", "answer": "A cat.",
          "context": [{"images": ["img/dog.jpg"], "instruction": "What animal is this?", "answer": "A dog."}]}
+        {"videos": ["clips/jump.mp4"], "instruction": "What does the dog do?", "answer": "It jumps."}
+        {"frames": [["f/0.png", "f/1.png", "f/2.png"]], "instruction": "What moves?", "answer": "The ball."}
 
-    `images` (default none) are paths relative to the JSONL file; `context` (optional) lists in-context examples with
+    `images` (default none) are paths relative to the JSONL file; `videos` video files (decoded with PyAV) and
+    `frames` videos given as lists of frame files, each inner list one video, both relative to the file too; a video's
+    frames are sampled uniformly to `resample_frames` (Otter's resampling; a shorter video keeps all its frames).
+    A turn shows its images, then its videos, then its frame lists. `context` (optional) lists in-context examples with
     the same fields, placed before the query. Records are checked when the file is read: a malformed one (a line that
     is not UTF-8 or not valid JSON included) is listed in `malformed` and not trained on; a UTF-8 byte order mark at
-    the start of the file is ignored. Images are read when an example is asked for.
+    the start of the file is ignored. Media are read when an example is asked for; an unreadable one skips the
+    example (`Skipped` "unreadable image" or "unreadable video", naming the file).
     """
 
-    FIELDS = {"images", "instruction", "answer", "context"}
+    FIELDS = {"images", "videos", "frames", "instruction", "answer", "context"}
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, resample_frames: int = RESAMPLE_FRAMES):
         self.path = Path(path)
+        self.resample_frames = resample_frames
         self.examples: list[list[Turn]] = []
         self.line_numbers: list[int] = []
         self.malformed: list[Skipped] = []
@@ -160,6 +193,15 @@ class JsonlInstructions:
                 else:
                     self.examples.append(turns)
                     self.line_numbers.append(line_number)
+        video_files = any(not isinstance(video, list) for turns in self.examples for turn in turns
+                          for video in turn.videos)
+        if video_files and importlib.util.find_spec("av") is None:
+            raise ValueError(f"{self.path} holds video files; decoding them needs PyAV: "
+                             "pip install 'otter-flamingo[video]'")
+
+    @property
+    def has_videos(self) -> bool:
+        return any(turn.videos for turns in self.examples for turn in turns)
 
     def _read_line(self, raw: bytes, line_number: int) -> list[Turn] | Skipped | None:
         """The turns of one line of the file (None for a blank line)."""
@@ -190,14 +232,30 @@ class JsonlInstructions:
                 break
         turns = []
         for item in [*context, record] if problem is None else []:
-            images = item.get("images", [])
-            if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
-                problem = f"{where}: 'images' must be a list of file paths, got {images!r}"
+            problem = self._media_problem(item, where)
+            if problem is not None:
                 break
-            turns.append(Turn(item["instruction"], item["answer"], [self.path.parent / image for image in images]))
+            folder = self.path.parent
+            turns.append(Turn(item["instruction"], item["answer"], [folder / image for image in item.get("images", [])],
+                              [folder / video for video in item.get("videos", [])]
+                              + [[folder / frame for frame in frames] for frames in item.get("frames", [])]))
         if problem is not None:
             return Skipped("malformed record", problem)
         return turns
+
+    @staticmethod
+    def _media_problem(item: dict, where: str) -> str | None:
+        """Why the media fields of `item` are malformed, or None."""
+        for name, what in (("images", "image files"), ("videos", "video files")):
+            paths = item.get(name, [])
+            if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
+                return f"{where}: {name!r} must be a list of {what}' paths, got {paths!r}"
+        frames = item.get("frames", [])
+        if not isinstance(frames, list) or not all(
+                isinstance(video, list) and video and all(isinstance(frame, str) for frame in video) for video in frames):
+            return (f"{where}: 'frames' must be a list of videos, each a non-empty list of frame files' paths, got "
+                    f"{frames!r}")
+        return None
 
     @property
     def files(self) -> list[Path]:
@@ -210,15 +268,37 @@ class JsonlInstructions:
     def example(self, index: int) -> Example | Skipped:
         turns = self.examples[index]
         key = f"{self.path}:{self.line_numbers[index]}"
-        images = []
+        images, videos = [], []
         for path in (path for turn in turns for path in turn.images):
-            try:
-                images.append(load_image(path))
-            except IMAGE_ERRORS as error:  # load_image's UnreadableImageError names the file
-                named = isinstance(error, UnreadableImageError)
-                return Skipped("unreadable image", f"{key}: {error}" if named else
-                               f"{key}: image {path} could not be read ({error})")
-        return Example(instruction_text(turns), images, INSTRUCTION, key)
+            image = _image_file(path, key)
+            if isinstance(image, Skipped):
+                return image
+            images.append(image)
+        for video in (video for turn in turns for video in turn.videos):
+            if isinstance(video, list):  # frame files: only the sampled ones are read
+                frames = []
+                for path in sampled(video, self.resample_frames):
+                    frame = _image_file(path, key)
+                    if isinstance(frame, Skipped):
+                        return frame
+                    frames.append(frame)
+            else:
+                try:
+                    frames = read_video(video, num_frames=self.resample_frames)
+                except UnreadableVideoError as error:  # its message names the file
+                    return Skipped("unreadable video", f"{key}: {error}")
+            videos.append(frames)
+        return Example(instruction_text(turns), images, INSTRUCTION, key, videos)
+
+
+def _image_file(path: Path, key: str) -> Image.Image | Skipped:
+    """An image file, upright RGB; an unreadable one is a `Skipped` naming it."""
+    try:
+        return load_image(path)
+    except IMAGE_ERRORS as error:  # load_image's UnreadableImageError names the file
+        named = isinstance(error, UnreadableImageError)
+        return Skipped("unreadable image", f"{key}: {error}" if named else
+                       f"{key}: image {path} could not be read ({error})")
 
 
 # -- MIMIC-IT -----------------------------------------------------------------------------------------------------
@@ -330,17 +410,24 @@ class MimicItInstructions:
     A MIMIC-IT subset: `<name>_instructions.json` (`{"meta": ..., "data": {ins_id: {"instruction", "answer",
     "image_ids", "rel_ins_ids"}}}`), its images `<name>.parquet` or `<name>.json` beside it, and, when present,
     `<name>_train.json` (`{ins_id: [in-context ins_ids]}`): then each key is one example, its in-context instructions
-    first. Without a train config every instruction is an example on its own. Each image id becomes one `<image>`.
+    first. Without a train config every instruction is an example on its own.
+
+    In an image subset each image id becomes one `<image>`. In a video subset (`video=True`) an instruction's image ids
+    are the frames of one video, one `<video>`, sampled uniformly to `resample_frames` as Otter does (only the sampled
+    frames are decoded); a turn about the same video as the turn before it shows no marker again (Otter's video
+    conversations show the video once, before the first turn), so the text after it reads that video.
     """
 
     SUFFIX = "_instructions.json"
 
-    def __init__(self, instructions_path: str | os.PathLike):
+    def __init__(self, instructions_path: str | os.PathLike, video: bool = False,
+                 resample_frames: int = RESAMPLE_FRAMES):
         self.path = Path(instructions_path)
         if not self.path.name.endswith(self.SUFFIX):
             raise ValueError(f"a MIMIC-IT instruction file is named <name>{self.SUFFIX}, got {self.path.name}")
-        name = self.path.name.removesuffix(self.SUFFIX)
-        candidates = [self.path.with_name(name + suffix) for suffix in (".parquet", ".json")]
+        self.name = self.path.name.removesuffix(self.SUFFIX)
+        self.video, self.resample_frames = video, resample_frames
+        candidates = [self.path.with_name(self.name + suffix) for suffix in (".parquet", ".json")]
         found = [candidate for candidate in candidates if candidate.exists()]
         if len(found) != 1:
             raise ValueError(
@@ -348,7 +435,7 @@ class MimicItInstructions:
                 f"found {[f.name for f in found] or 'none'}"
             )
         self.images = image_store(found[0])
-        self.train_config_path = self.path.with_name(name + "_train.json")
+        self.train_config_path = self.path.with_name(self.name + "_train.json")
         document = _read_json(self.path)
         if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
             raise ValueError(f"{self.path} is not a MIMIC-IT instruction file: expected {{'meta': ..., 'data': {{...}}}}")
@@ -368,12 +455,19 @@ class MimicItInstructions:
                 self.malformed.append(turns)
             else:
                 self.examples.append((ins_id, turns))
+        if video:
+            logger.info("%s: a video subset; each instruction's image ids are the frames of one video, sampled to %d",
+                        self.path, resample_frames)
+        most = max((len(turn.images) for _, turns in self.examples for turn in turns), default=0)
+        if most > resample_frames:  # a video subset read as images would show each frame as an <image>
+            logger.warning("%s: an instruction has %d images, each read as an <image>; if they are the frames of a "
+                           "video, list %r in video_sets", self.path, most, self.name)
 
     def _turns(self, instructions: dict, ins_id: str, context_ids) -> list[Turn] | Skipped:
         where = f"{self.path.name}:{ins_id}"
         if not isinstance(context_ids, list):
             return Skipped("malformed record", f"{where}: in-context ids must be a list, got {context_ids!r}")
-        turns = []
+        turns, previous_video = [], None
         for turn_id in [*context_ids, ins_id]:
             record = instructions.get(turn_id)
             if record is None:
@@ -385,10 +479,21 @@ class MimicItInstructions:
             missing = [i for i in image_ids if i not in self.images] if problem is None else []
             if missing:
                 problem = f"{where} ({turn_id}): image ids {missing[:3]} are not in {self.images.path.name}"
+            if problem is None and self.video and not image_ids:
+                problem = f"{where} ({turn_id}): an instruction of the video subset {self.name} has no frames (image_ids)"
             if problem is not None:
                 return Skipped("malformed record", problem)
-            turns.append(Turn(record["instruction"], record["answer"], list(image_ids)))
+            if not self.video:
+                turns.append(Turn(record["instruction"], record["answer"], list(image_ids)))
+                continue
+            turns.append(Turn(record["instruction"], record["answer"],
+                              videos=[] if image_ids == previous_video else [list(image_ids)]))
+            previous_video = image_ids
         return turns
+
+    @property
+    def has_videos(self) -> bool:
+        return self.video and bool(self.examples)
 
     @property
     def files(self) -> list[Path]:
@@ -398,11 +503,10 @@ class MimicItInstructions:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def example(self, index: int) -> Example | Skipped:
-        ins_id, turns = self.examples[index]
-        key = f"{self.path.name}:{ins_id}"
+    def _images(self, image_ids: list[str], key: str) -> list[Image.Image] | Skipped:
+        """The images of `image_ids`, decoded; the first that cannot be read makes the example a `Skipped`."""
         images = []
-        for image_id in (image_id for turn in turns for image_id in turn.images):
+        for image_id in image_ids:
             try:
                 encoded = decode_base64(self.images.base64(image_id))
             except (binascii.Error, ValueError) as error:
@@ -411,7 +515,21 @@ class MimicItInstructions:
                 images.append(decode_image_bytes(encoded, image_id))
             except IMAGE_ERRORS as error:
                 return Skipped("unreadable image", f"{key}: {error}")
-        return Example(instruction_text(turns), images, INSTRUCTION, key)
+        return images
+
+    def example(self, index: int) -> Example | Skipped:
+        ins_id, turns = self.examples[index]
+        key = f"{self.path.name}:{ins_id}"
+        images = self._images([image_id for turn in turns for image_id in turn.images], key)
+        if isinstance(images, Skipped):
+            return images
+        videos = []
+        for frame_ids in (frame_ids for turn in turns for frame_ids in turn.videos):
+            frames = self._images(sampled(frame_ids, self.resample_frames), key)  # only the sampled frames
+            if isinstance(frames, Skipped):
+                return frames
+            videos.append(frames)
+        return Example(instruction_text(turns), images, INSTRUCTION, key, videos)
 
 
 def _read_json(path: Path):
@@ -423,15 +541,30 @@ def _read_json(path: Path):
         raise ValueError(f"{path} is not a UTF-8 JSON file ({error})") from error
 
 
-def instruction_source(path: str | os.PathLike) -> JsonlInstructions | MimicItInstructions:
-    """A data file given to `otter train finetune`: custom JSONL (`*.jsonl`) or MIMIC-IT (`*_instructions.json`)."""
+def is_video_set(name: str, video_sets: list[str] | None = None) -> bool:
+    """
+    Whether the MIMIC-IT subset `name` (the `<name>` of `<name>_instructions.json`) holds videos: it is one of
+    `video_sets`, or, when that is None, one of the subsets the Otter project reads as videos (`OTTER_VIDEO_SETS`:
+    DC, E4D, TVC, FunQA, VideoQA). Names compare case-insensitively.
+    """
+    names = OTTER_VIDEO_SETS if video_sets is None else video_sets
+    return name.casefold() in {video_set.casefold() for video_set in names}
+
+
+def instruction_source(path: str | os.PathLike, resample_frames: int = RESAMPLE_FRAMES,
+                       video_sets: list[str] | None = None) -> JsonlInstructions | MimicItInstructions:
+    """
+    A data file given to `otter train finetune`: custom JSONL (`*.jsonl`) or MIMIC-IT (`*_instructions.json`), whose
+    videos are sampled to `resample_frames`; `video_sets` names the MIMIC-IT subsets of videos (see `is_video_set`).
+    """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
-        return JsonlInstructions(path)
+        return JsonlInstructions(path, resample_frames=resample_frames)
     if path.name.endswith(MimicItInstructions.SUFFIX):
-        return MimicItInstructions(path)
+        name = path.name.removesuffix(MimicItInstructions.SUFFIX)
+        return MimicItInstructions(path, video=is_video_set(name, video_sets), resample_frames=resample_frames)
     raise ValueError(
         f"cannot tell the format of {path}: instruction data is custom JSONL (*.jsonl) or MIMIC-IT "
         f"(<name>{MimicItInstructions.SUFFIX} with its images beside it)"

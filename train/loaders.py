@@ -30,16 +30,26 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from .collate import Collator
-from .data import Skipped, WebDataOptions, instruction_source, web_example
+from .data import (RESAMPLE_FRAMES, MimicItInstructions, Skipped, WebDataOptions, instruction_source, is_video_set,
+                   web_example)
 
 logger = logging.getLogger(__name__)
 
 
 class InstructionExamples(Dataset):
-    """All examples of the instruction files, in file order; item `i` is encoded (or a `Skipped`)."""
+    """
+    All examples of the instruction files, in file order; item `i` is encoded (or a `Skipped`). Videos are sampled to
+    `resample_frames`; `video_sets` names the MIMIC-IT subsets of videos (None: Otter's, `data.OTTER_VIDEO_SETS`).
+    """
 
-    def __init__(self, paths: list[str], collator: Collator):
-        self.sources = [instruction_source(path) for path in paths]
+    def __init__(self, paths: list[str], collator: Collator, resample_frames: int = RESAMPLE_FRAMES,
+                 video_sets: list[str] | None = None):
+        self.sources = [instruction_source(path, resample_frames, video_sets) for path in paths]
+        subsets = [source.name for source in self.sources if isinstance(source, MimicItInstructions)]
+        unknown = [name for name in video_sets or [] if not any(is_video_set(subset, [name]) for subset in subsets)]
+        if unknown:
+            raise ValueError(f"video_sets names {unknown}, which are not among the MIMIC-IT subsets of the data "
+                             f"({subsets or 'none'}); a subset's name is the <name> of <name>_instructions.json")
         self.collator = collator
         self.epoch = 0
         self.starts = list(itertools.accumulate((len(source) for source in self.sources), initial=0))
@@ -52,6 +62,10 @@ class InstructionExamples(Dataset):
     @property
     def files(self) -> list[Path]:
         return [path for source in self.sources for path in source.files]
+
+    @property
+    def has_videos(self) -> bool:
+        return any(source.has_videos for source in self.sources)
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -72,8 +86,8 @@ class InstructionData:
     """
 
     def __init__(self, paths: list[str], collator: Collator, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int):
-        self.examples = InstructionExamples(paths, collator)
+                 num_workers: int, resample_frames: int = RESAMPLE_FRAMES, video_sets: list[str] | None = None):
+        self.examples = InstructionExamples(paths, collator, resample_frames, video_sets)
         if len(self.examples) == 0:
             malformed = self.examples.malformed
             raise ValueError(f"no usable examples in {paths}: " + (
@@ -93,6 +107,11 @@ class InstructionData:
     def files(self) -> list[Path]:
         """Every file the examples come from (instruction files, MIMIC-IT's image and train-config files)."""
         return self.examples.files
+
+    @property
+    def has_videos(self) -> bool:
+        """Whether any example holds a video (JSONL `videos` or `frames`, a MIMIC-IT video subset)."""
+        return self.examples.has_videos
 
     def stream(self, start: int = 0) -> Iterator[dict]:
         """Micro-batches from position `start` (micro-batches since the beginning of training) on."""
@@ -204,6 +223,8 @@ class WebData:
     @property
     def malformed(self) -> list[Skipped]:
         return []
+
+    has_videos = False
 
     @property
     def files(self) -> list[Path]:

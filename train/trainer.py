@@ -44,10 +44,10 @@ from otter import OtterConfig, OtterForConditionalGeneration, OtterProcessor
 from otter.conversion.folders import honour_umask, limit_tokenizer_length
 from otter.language_models import lora_target_pattern
 from otter.model_card import CAPTION_PROMPT, CHAT_PROMPT, describe, hub_id, model_card, source_card, usage
-from otter.prompts import ANSWER_TOKEN
+from otter.prompts import ANSWER_TOKEN, chat_template
 
 from .collate import IGNORE_INDEX, Collator
-from .data import WebDataOptions
+from .data import RESAMPLE_FRAMES, WebDataOptions
 from .loaders import InstructionData, WebData
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class TrainingConfig:
         the weights or as an `adapter` folder (`lora_output`); `full` trains every parameter, but the vision
         encoder's with `freeze_vision` (Otter's instruction tuning keeps CLIP frozen; it also saves its backward).
     max_length: tokens kept per instruction example (right truncation); web data use `web`'s OpenFlamingo options.
+    resample_frames: a video's frames are sampled uniformly to this many (Otter's `resample_frames`; a shorter video
+        keeps all its frames). A model with frame embeddings takes at most its `max_num_frames`.
+    video_sets: the MIMIC-IT subsets (the `<name>` of `<name>_instructions.json`) whose instructions' images are the
+        frames of a video; None reads those the Otter project reads as videos (DC, E4D, TVC, FunQA, VideoQA), []
+        reads none as videos.
     augment: random horizontal flips (OpenFlamingo's augmentation); None means on for pretraining, off otherwise.
     save_every / keep_checkpoints / resume: checkpoint period, how many to keep, continue from the latest one.
     allow_data_change: resume although the data files changed (or moved) since the checkpoint was saved.
@@ -121,6 +126,8 @@ class TrainingConfig:
     full: bool = False
     freeze_vision: bool = False
     max_length: int = 512
+    resample_frames: int = RESAMPLE_FRAMES
+    video_sets: list[str] | None = None
     augment: bool | None = None
     web: WebDataOptions = field(default_factory=WebDataOptions)
     save_every: int = 500
@@ -148,7 +155,12 @@ class TrainingConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every", "lora_rank"):
+        if isinstance(self.video_sets, str):
+            self.video_sets = [self.video_sets]
+        if self.video_sets is not None and not all(isinstance(name, str) and name for name in self.video_sets):
+            raise ValueError(f"video_sets must be a list of MIMIC-IT subset names, got {self.video_sets!r}")
+        for name in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every", "lora_rank",
+                     "resample_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "epochs"):
@@ -225,6 +237,18 @@ def add_answer_token(model: OtterForConditionalGeneration, tokenizer) -> bool:
     return True
 
 
+def use_answer_chat_template(processor) -> None:
+    """
+    After `add_answer_token`: the processor's (and its tokenizer's) chat template becomes Otter's with `<answer>`
+    where it was the one without it (a tokenizer that lacked `<answer>` got that one), so the trained folder's
+    `apply_chat_template` writes the text the model was trained on. A custom template is left as it is.
+    """
+    without, with_answer = chat_template(answer_token=False), chat_template(answer_token=True)
+    for owner in (processor, processor.tokenizer):
+        if owner.chat_template == without:
+            owner.chat_template = with_answer
+
+
 def _embedding_weights(model) -> list[torch.nn.Parameter]:
     """The input embedding matrix, and the output one when it is a separate tensor."""
     weights = [model.get_input_embeddings().weight]
@@ -277,9 +301,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled tokens of `batch` (labels `(batch, length)`, -100 ignored)."""
+    """
+    Summed next-token cross-entropy over the labelled tokens of `batch` (labels `(batch, length)`, -100 ignored);
+    `pixel_values` and, for media of different frame counts, `frame_mask` as the collator gives them.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch.get("pixel_values"), use_cache=False).logits
+                   pixel_values=batch.get("pixel_values"), frame_mask=batch.get("frame_mask"), use_cache=False).logits
     logits = logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -465,12 +492,19 @@ def _checkpoint_config(config: TrainingConfig) -> dict:
     return recorded
 
 
+def _recorded_defaults() -> dict:
+    """What a checkpoint saved before an option existed ran with: the option's default (e.g. `resample_frames`)."""
+    return {option.name: option.default for option in dataclasses.fields(TrainingConfig)
+            if option.default is not dataclasses.MISSING}
+
+
 def _check_resumable(saved: dict, config: TrainingConfig, checkpoint: Path, num_processes: int) -> None:
     current = _checkpoint_config(config)
     free = RESUMABLE_CHANGES | ({"data"} if config.allow_data_change else set())
-    changed = sorted(name for name in current if name not in free and saved["config"].get(name) != current[name])
+    recorded = {**_recorded_defaults(), **saved["config"]}  # options added since the checkpoint: their defaults
+    changed = sorted(name for name in current if name not in free and recorded.get(name) != current[name])
     if changed:
-        details = ", ".join(f"{name}: {saved['config'].get(name)!r} -> {current[name]!r}" for name in changed)
+        details = ", ".join(f"{name}: {recorded.get(name)!r} -> {current[name]!r}" for name in changed)
         raise ValueError(
             f"cannot resume {checkpoint} with a different run ({details}); only {sorted(RESUMABLE_CHANGES)} may change"
         )
@@ -682,7 +716,8 @@ def _build_data(config: TrainingConfig, processor, accelerator: Accelerator):
     common = dict(batch_size=config.batch_size, seed=config.seed, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, num_workers=config.num_workers)
     if config.objective == INSTRUCTION:
-        return InstructionData(config.data, collator, **common)
+        return InstructionData(config.data, collator, resample_frames=config.resample_frames,
+                               video_sets=config.video_sets, **common)
     return WebData(config.data, collator, config.web, processor.tokenizer.eos_token or "", **common)
 
 
@@ -708,12 +743,26 @@ def _configure_backend(accelerator: Accelerator, config: TrainingConfig) -> None
         )
 
 
+def _check_video_frames(config: TrainingConfig, model_config: OtterConfig, data) -> None:
+    """Videos in the data need a model that takes `resample_frames` frames per medium."""
+    if not data.has_videos:
+        return
+    max_frames = model_config.max_num_frames
+    if max_frames is None:
+        logger.warning("the data holds videos but %s has no frame embeddings (max_num_frames): a video's frames are "
+                       "read as one set of tokens, without their order", config.model)
+    elif config.resample_frames > max_frames:
+        raise ValueError(f"resample_frames is {config.resample_frames}, but {config.model} takes at most "
+                         f"{max_frames} frames per video (its max_num_frames); pass --resample-frames {max_frames} "
+                         "or fewer")
+
+
 def _model_to_train(config: TrainingConfig):
     """The model (with `<answer>` for instruction data) set up to train as `config` says, and its processor."""
     model = OtterForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
     processor = OtterProcessor.from_pretrained(config.model)
-    if config.objective == INSTRUCTION:
-        add_answer_token(model, processor.tokenizer)
+    if config.objective == INSTRUCTION and add_answer_token(model, processor.tokenizer):
+        use_answer_chat_template(processor)
     new_tokens = [processor.image_token_id, processor.eoc_token_id]
     if ANSWER_TOKEN in processor.tokenizer.get_vocab():
         new_tokens.append(processor.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN))
@@ -777,6 +826,9 @@ def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
     data = _build_data(config, processor, accelerator)
+    _check_video_frames(config, (trained.get_base_model() if config.lora else trained).config, data)
+    if data.has_videos:  # the trained folder's processor samples videos as they were trained
+        processor.num_frames = config.resample_frames
     data_files = _main_process_decides(accelerator, lambda: _check_data(data.files, saved, config, resume_from))
     total_steps = _total_steps(config, data.batches_per_epoch)
     optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
@@ -1044,5 +1096,6 @@ def training_card(config: TrainingConfig, summary: dict, model_config, processor
 
 
 __all__ = ["TrainingConfig", "train", "NonFiniteLossError", "SkippedRecordsError", "RunLock", "add_answer_token",
+           "use_answer_chat_template",
            "configure_training", "parameter_groups", "save_checkpoint", "checkpoints_in", "data_fingerprint",
            "training_card"]
