@@ -37,7 +37,7 @@ def run(args) -> None:
     evaluation = Evaluation(
         task, data_dir=args.data_dir, out=args.out, shots=args.shots, trials=args.trials, seed=args.seed,
         rices=args.rices, rices_cache=args.rices_cache, batch_size=args.batch_size, num_samples=args.num_samples,
-        query_set_size=args.query_set_size,
+        query_set_size=args.query_set_size, num_frames=args.num_frames,
     )
     dtype = getattr(torch, args.dtype or default_dtype(device))
     model_dir = Path(args.model).resolve()  # recorded in the results; resuming checks the weights themselves
@@ -74,7 +74,7 @@ def register(commands) -> None:
     from .tasks import TASKS
 
     parser = commands.add_parser(
-        "eval", help="few-shot evaluation on the OpenFlamingo benchmarks",
+        "eval", help="few-shot evaluation on the OpenFlamingo benchmarks and video QA",
         description="Few-shot evaluation with OpenFlamingo's protocol. Dataset layouts: eval/README.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -92,6 +92,9 @@ def register(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-samples", type=int, default=None, help="evaluate a seeded random subset (default: all)")
     parser.add_argument("--query-set-size", type=int, default=2048, help="random demonstrations come from this many")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video tasks: frames sampled uniformly from each video (default: the processor's "
+                             "num_frames, else 8)")
     parser.add_argument("--num-beams", type=int, default=None, help="override the task's beam count")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -5,10 +5,14 @@ and the evaluated split, as lists of `Example`.
 """
 
 import json
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from otter.video import VIDEO_SUFFIXES
 
 from .imagenet_classnames import IMAGENET_CLASSNAMES
 
@@ -23,7 +27,8 @@ class Example:
     name, a 0/1 label).
 
     `image` is one image path, or a tuple of paths for a turn that shows several images (its prompt shows each image
-    before its own label, in order: `otter.prompts.with_images`). `demos`, when set, are the sample's own
+    before its own label, in order: `otter.prompts.with_images`); for a task that shows videos (`Task.media`), the
+    video file. `demos`, when set, are the sample's own
     demonstrations: a k-shot prompt uses the first k of them, in order, instead of drawing from the pool.
     `candidates`, when set, are the class names a ranking task scores for this sample (instead of
     `Benchmark.class_names`).
@@ -218,3 +223,189 @@ def load_hateful_memes(data_dir: Path) -> Benchmark:
     return Benchmark(pool=_hateful_memes_split(data_dir, "train.jsonl"),
                      test=_hateful_memes_split(data_dir, "dev_seen.jsonl"),
                      class_names=HATEFUL_MEMES_CLASSES)
+
+
+# -- video QA: MSVD-QA and MSRVTT-QA (Xu et al., 2017) -------------------------------------------------------------
+# The question types the papers report accuracy for: a question's first word.
+QUESTION_TYPES = ("what", "who", "how", "when", "where")
+MSRVTT_FIRST_TEST_VIDEO = 7010  # MSR-VTT's split: videos 0-6512 train, 6513-7009 val, 7010-9999 test
+
+
+def question_type(question: str) -> str:
+    """The type the papers break video QA accuracy down by: the question's first word (what, who, how, when,
+    where), "other" for any other."""
+    words = question.strip().lower().split(maxsplit=1)
+    return words[0] if words and words[0] in QUESTION_TYPES else "other"
+
+
+class VideoFolder:
+    """
+    A data set's videos: the first of `layouts` (each a tuple of folders under `data_dir`) of which a folder exists,
+    its files listed once. A video is found by its name without extension: the file with the official `suffix`, else
+    one with another video suffix (a copy converted to mp4, say); a video not there is given its official path
+    (`home(name)` picks its folder in a layout of several), which the check of the files a run shows reports missing.
+    """
+
+    def __init__(self, what: str, data_dir: Path, layouts: list[tuple[str, ...]], suffix: str,
+                 home: Callable[[str], int] = lambda name: 0):
+        for layout in layouts:
+            folders = [data_dir / folder for folder in layout]
+            if any(folder.is_dir() for folder in folders):
+                break
+        else:
+            expected = " or ".join("/, ".join(layout) + "/" for layout in layouts)
+            raise ValueError(f"{what} video folder not found: expected {expected} under {data_dir} (see the dataset "
+                             "layouts in eval/README.md)")
+        self.folders, self.suffix, self.home = folders, suffix, home
+        self.files: dict[str, dict[str, Path]] = {}
+        for folder in folders:
+            if folder.is_dir():
+                for entry in os.scandir(folder):
+                    path = Path(entry.path)
+                    if path.suffix.lower() in VIDEO_SUFFIXES:
+                        self.files.setdefault(path.stem, {})[path.suffix.lower()] = path
+
+    def path(self, name: str) -> Path:
+        found = self.files.get(name)
+        if found:
+            return found.get(self.suffix) or found[min(found)]
+        return self.folders[self.home(name) if len(self.folders) > 1 else 0] / (name + self.suffix)
+
+
+def _video_name(name) -> str:
+    """A video's name as a record gives it, without a video suffix ("video7010.mp4" -> "video7010")."""
+    name = str(name).strip()
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in VIDEO_SUFFIXES else name
+
+
+def _video_qa_records(data_dir: Path, split: str, what: str) -> tuple[list[dict], Path]:
+    """
+    A split's records, each with "question", "answer" and the video's reference, and the file they come from: the
+    official `{split}_qa.json`, or for the test split the `test_q.json` and `test_a.json` of Video-ChatGPT's
+    zero-shot QA copies (records joined by "question_id").
+    """
+    path = data_dir / f"{split}_qa.json"
+    questions_path, answers_path = data_dir / "test_q.json", data_dir / "test_a.json"
+    if split == "test" and not path.exists() and questions_path.exists():
+        questions = _read_json(questions_path, f"{what} test questions")
+        answers = _read_json(answers_path, f"{what} test answers")
+        if not isinstance(questions, list) or not isinstance(answers, list):
+            raise ValueError(f"{questions_path} and {answers_path} must each hold a list of records")
+        by_id = {answer.get("question_id"): answer for answer in answers if isinstance(answer, dict)}
+        records = []
+        for question in questions:
+            question_id = question.get("question_id") if isinstance(question, dict) else None
+            if question_id not in by_id:
+                raise ValueError(f"question {question_id!r} of {questions_path} has no answer in {answers_path}")
+            records.append({**question, "answer": by_id[question_id]["answer"]})
+        return records, questions_path
+    records = _read_json(path, f"{what} {split} questions and answers")
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a {type(records).__name__}; expected a list of {{'question', 'answer', "
+                         "'video_id', 'id'}} records")
+    return records, path
+
+
+def _video_qa_examples(records: list[dict], source: Path, video_name: Callable[[dict, Path], str],
+                       videos: VideoFolder) -> list[Example]:
+    examples = []
+    for position, record in enumerate(records):
+        if not isinstance(record, dict) or "question" not in record or "answer" not in record:
+            raise ValueError(f"{source}: record {position} is not a {{'question', 'answer', 'video_id'}} "
+                             f"record: {str(record)[:80]}")
+        question, answer = str(record["question"]), str(record["answer"])
+        examples.append(Example(
+            id=record.get("id", record.get("question_id", position)),  # official: "id"; Video-ChatGPT: "question_id"
+            image=videos.path(video_name(record, source)),
+            fields={"question": question, "answer": answer, "type": question_type(question)},
+            target=answer,
+        ))
+    return _unique_ids(examples, source)
+
+
+def _video_reference(record: dict, source: Path):
+    """A record's video: its "video_name" (or "video"), else its "video_id"; (is it a name, the value)."""
+    for key in ("video_name", "video"):
+        if key in record:
+            return True, record[key]
+    if "video_id" not in record:
+        raise ValueError(f"{source}: record {record.get('id', record.get('question_id'))!r} names no video (expected "
+                         "'video_id' or 'video_name')")
+    return False, record["video_id"]
+
+
+MSRVTT_VIDEO_LAYOUTS = [("video",), ("videos",), ("videos/all",), ("TrainValVideo", "TestVideo")]
+
+
+def _msrvtt_folder(name: str) -> int:
+    """Which folder of MSR-VTT's own layout (TrainValVideo/, TestVideo/) holds video `name` ("video7010")."""
+    number = name.removeprefix("video")
+    return int(number.isdigit() and int(number) >= MSRVTT_FIRST_TEST_VIDEO)
+
+
+def load_msrvtt_qa(data_dir: Path) -> Benchmark:
+    """
+    MSRVTT-QA: `train_qa.json` (demonstrations) and `test_qa.json` (evaluated), lists of {"question", "answer",
+    "video_id", "id"}; video N is `video{N}.mp4` in `video/` (or `videos/`, `videos/all/`, or MSR-VTT's own
+    `TrainValVideo/` and `TestVideo/`).
+    """
+    videos = VideoFolder("MSRVTT-QA", data_dir, MSRVTT_VIDEO_LAYOUTS, ".mp4", home=_msrvtt_folder)
+
+    def video_name(record: dict, source: Path) -> str:
+        is_name, value = _video_reference(record, source)
+        if not is_name and (isinstance(value, int) or str(value).strip().isdigit()):
+            return f"video{int(value)}"
+        return _video_name(value)
+
+    splits = [_video_qa_records(data_dir, split, "MSRVTT-QA") for split in ("train", "test")]
+    pool, test = (_video_qa_examples(records, source, video_name, videos) for records, source in splits)
+    return Benchmark(pool=pool, test=test)
+
+
+VID = re.compile(r"vid\d+")
+
+
+def _youtube_mapping(path: Path) -> dict[str, str]:
+    """MSVD-QA's `youtube_mapping.txt`: one "<clip name> vid<N>" pair per line -> {"vid<N>": clip name}."""
+    mapping = {}
+    for number, line in enumerate(_require(path, "MSVD-QA youtube_mapping.txt (video ids to clip names)")
+                                  .read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        ids = [part for part in parts if VID.fullmatch(part)]
+        if len(parts) != 2 or len(ids) != 1:
+            raise ValueError(f"{path} line {number} is not a '<clip name> vid<N>' pair: {line[:80]!r}")
+        clip = parts[0] if parts[1] == ids[0] else parts[1]
+        mapping[ids[0]] = _video_name(clip)
+    return mapping
+
+
+def load_msvd_qa(data_dir: Path) -> Benchmark:
+    """
+    MSVD-QA: `train_qa.json` (demonstrations) and `test_qa.json` (evaluated), lists of {"question", "answer",
+    "video_id", "id"}; video_id N is `vid{N}`, which `youtube_mapping.txt` maps to a clip name, the file
+    `YouTubeClips/<clip name>.avi` (or in `video/`, `videos/`).
+    """
+    videos = VideoFolder("MSVD-QA", data_dir, [("YouTubeClips",), ("video",), ("videos",)], ".avi")
+    mapping_path = data_dir / "youtube_mapping.txt"
+    mapping = None
+
+    def video_name(record: dict, source: Path) -> str:
+        nonlocal mapping
+        is_name, value = _video_reference(record, source)
+        if is_name:
+            return _video_name(value)
+        key = f"vid{int(value)}" if isinstance(value, int) or str(value).strip().isdigit() else str(value).strip()
+        if not VID.fullmatch(key):
+            return _video_name(key)  # a clip name given as the id
+        if mapping is None:
+            mapping = _youtube_mapping(mapping_path)
+        if key not in mapping:
+            raise ValueError(f"{source}: video_id {value!r} ({key}) is not in {mapping_path}")
+        return mapping[key]
+
+    splits = [_video_qa_records(data_dir, split, "MSVD-QA") for split in ("train", "test")]
+    pool, test = (_video_qa_examples(records, source, video_name, videos) for records, source in splits)
+    return Benchmark(pool=pool, test=test)

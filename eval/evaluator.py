@@ -2,7 +2,7 @@
 The few-shot evaluator: builds each sample's prompt from its demonstrations, runs the model in left-padded batches
 (generation, or ranking of class names on a reused KV cache), appends every sample's result to a log as it goes (an
 interrupted run resumes where it stopped), and writes the per-shot scores, per-sample predictions and a Markdown
-summary.
+summary. The media of a task are image files, or video files decoded and sampled to a number of frames.
 """
 
 import json
@@ -19,14 +19,24 @@ import torch
 from tqdm.auto import tqdm
 
 from otter.processing_otter import load_image
-from otter.prompts import IMAGE_TOKEN, PromptTemplate, with_images
+from otter.prompts import IMAGE_TOKEN, VIDEO_TOKEN, PromptTemplate, with_images
+from otter.video import read_video
 
 from .datasets import Benchmark, Example
 from .demos import ImageEmbedder, random_demos, rices_demos
-from .fingerprint import benchmark_images, data_fingerprint, image_sizes, processor_fingerprint, weights_fingerprint
+from .fingerprint import (
+    benchmark_images,
+    data_fingerprint,
+    image_sizes,
+    processor_fingerprint,
+    video_settings,
+    weights_fingerprint,
+)
 from .tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_FRAMES = 8  # a video's frames when neither the caller nor the processor says (at most the model's)
 
 
 # -- model calls -----------------------------------------------------------------------------------------------------
@@ -37,13 +47,15 @@ def _image_key(image):
 
 class ImageFeatureCache:
     """
-    The perceiver latents of image files that later batches of an evaluation pass show again, each kept until its
-    last use: a demonstration drawn for many samples runs through the vision tower and perceiver once per pass, not
-    once per batch. `uses` are the images the pass will show (paths, one entry per showing); at most `max_images` are
-    held at a time (a further image is encoded again when shown again).
+    The perceiver latents of image (or video) files that later batches of an evaluation pass show again, each kept
+    until its last use: a demonstration drawn for many samples runs through the vision tower and perceiver once per
+    pass, not once per batch (and a video is decoded once per pass). `uses` are the media the pass will show (paths,
+    one entry per showing); at most `max_images` are held at a time (a further one is encoded again when shown again),
+    or with `max_images=None` every one that has uses left: a medium's latents, `(num_latents, dim)`, are far smaller
+    than its decoded frames.
     """
 
-    def __init__(self, uses: Iterable, max_images: int = 2048):
+    def __init__(self, uses: Iterable, max_images: int | None = 2048):
         self.remaining = Counter(_image_key(image) for image in uses if isinstance(image, (str, os.PathLike)))
         self.max_images = max_images
         self.features = {}
@@ -59,7 +71,7 @@ class ImageFeatureCache:
         if self.remaining[key] <= 0:
             del self.remaining[key]
             self.features.pop(key, None)
-        elif key not in self.features and len(self.features) < self.max_images:
+        elif key not in self.features and (self.max_images is None or len(self.features) < self.max_images):
             self.features[key] = features.clone()  # not a view that would keep its whole batch alive
 
 
@@ -68,25 +80,41 @@ def _pixel_values(image_processor, image) -> torch.Tensor:
     return image_processor([load_image(image)], return_tensors="pt")["pixel_values"][0]
 
 
+def _video_pixel_values(image_processor, video, num_frames: int) -> torch.Tensor:
+    """
+    One video file, decoded (PyAV), sampled uniformly to `num_frames` frames, first and last included (every frame of
+    a shorter video), each preprocessed as an image, as the processor does: `(frames, C, H, W)`.
+    """
+    return image_processor(read_video(video, num_frames=num_frames), return_tensors="pt")["pixel_values"]
+
+
+def _load_medium(image_processor, medium, num_frames: int | None) -> torch.Tensor:
+    """An image `(C, H, W)`, or with `num_frames` set a video `(frames, C, H, W)`, loaded and preprocessed."""
+    if num_frames is None:
+        return _pixel_values(image_processor, medium)
+    return _video_pixel_values(image_processor, medium, num_frames)
+
+
 class ImagePrefetcher:
     """
-    Loads and preprocesses the images of the next batch in background threads while the model runs the current one
-    (decoding and resizing release the GIL). On a GPU, an evaluation that loads its images between batches spends
-    most of its time there.
+    Loads and preprocesses the images (or, with `num_frames`, the videos, sampled to that many frames) of the next
+    batch in background threads while the model runs the current one (decoding and resizing release the GIL). On a
+    GPU, an evaluation that loads its media between batches spends most of its time there.
     """
 
-    def __init__(self, image_processor, workers: int | None = None):
+    def __init__(self, image_processor, workers: int | None = None, num_frames: int | None = None):
         self.image_processor = image_processor
+        self.num_frames = num_frames
         self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="otter-images")
 
     def submit(self, images: Iterable, skip=lambda key: False) -> dict:
-        """Start on each distinct image (by `_image_key`) that `skip(key)` does not rule out: key -> Future of its
+        """Start on each distinct medium (by `_image_key`) that `skip(key)` does not rule out: key -> Future of its
         pixel values."""
         futures = {}
         for image in images:
             key = _image_key(image)
             if key not in futures and not skip(key):
-                futures[key] = self.pool.submit(_pixel_values, self.image_processor, image)
+                futures[key] = self.pool.submit(_load_medium, self.image_processor, image, self.num_frames)
         return futures
 
     def __enter__(self):
@@ -98,20 +126,24 @@ class ImagePrefetcher:
 
 @torch.no_grad()
 def encode_batch(model, processor, texts: list[str], images: list[list],
-                 cache: ImageFeatureCache | None = None, pixels: Mapping[object, Future] | None = None) -> dict:
+                 cache: ImageFeatureCache | None = None, pixels: Mapping[object, Future] | None = None,
+                 num_frames: int | None = None) -> dict:
     """
     Left-padded `input_ids`, `attention_mask` `(B, T)` and the cross-attention `media_key_values`
     `(B, blocks, media * latents, 2 * heads * dim_head)` of a batch. `images[b]` are the images (paths or PIL images)
-    of sample b in `<image>` order, with the same count for every sample. Each distinct image of the batch (by path,
-    or by object for PIL images) runs through the vision tower and perceiver once, however many samples show it, and
-    not at all when `cache` holds its latents from an earlier batch. `pixels` (from `ImagePrefetcher.submit`) holds
-    images already being loaded; the others are loaded here.
+    of sample b in `<image>` order, with the same count for every sample; with `num_frames` set they are video files
+    (marked `<video>` or `<image>` in the text), each decoded and sampled uniformly to `num_frames` frames (fewer for a
+    shorter video: videos of different frame counts go through the model's `frame_mask`). Each distinct medium of the
+    batch (by path, or by object for PIL images) runs through the vision tower and perceiver once, however many
+    samples show it, and not at all when `cache` holds its latents from an earlier batch. `pixels` (from
+    `ImagePrefetcher.submit`) holds media already being loaded; the others are loaded here.
     """
     counts = {len(sample) for sample in images}
     if len(counts) != 1:
         raise ValueError(f"every sample of a batch must hold the same number of images, got {sorted(counts)}")
     tokenizer = processor.tokenizer
-    token_ids = tokenizer(texts)["input_ids"]
+    # the model reads a video's marker as <image>, as the processor writes it
+    token_ids = tokenizer([text.replace(VIDEO_TOKEN, IMAGE_TOKEN) for text in texts])["input_ids"]
     batch = tokenizer.pad({"input_ids": token_ids}, padding="longest", padding_side="left", return_tensors="pt")
     keys = [[_image_key(image) for image in sample] for sample in images]
     unique = {}
@@ -123,9 +155,11 @@ def encode_batch(model, processor, texts: list[str], images: list[list],
     new = [key for key in unique if key not in known]
     if new:
         pixels = pixels or {}
-        pixel_values = torch.stack([pixels[key].result() if key in pixels else  # (N, C, H, W)
-                                    _pixel_values(processor.image_processor, unique[key]) for key in new])
-        encoded = model.get_image_features(pixel_values[:, None, None].to(model.device))[:, 0]  # (N, latents, dim)
+        loaded = [pixels[key].result() if key in pixels else
+                  _load_medium(processor.image_processor, unique[key], num_frames) for key in new]
+        pixel_values, frame_mask = _media_pixel_values(loaded)
+        encoded = model.get_image_features(pixel_values.to(model.device),  # (N, 1, latents, dim)
+                                           None if frame_mask is None else frame_mask.to(model.device))[:, 0]
         known.update(zip(new, encoded))
     features = torch.stack([known[key] for key in unique])  # (U, latents, dim)
     if cache is not None:
@@ -139,6 +173,24 @@ def encode_batch(model, processor, texts: list[str], images: list[list],
         "attention_mask": batch["attention_mask"].to(model.device),
         "media_key_values": model.get_media_key_values(features[index]),  # features[index]: (B, media, latents, dim)
     }
+
+
+def _media_pixel_values(loaded: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    Loaded media (images `(C, H, W)`, videos `(frames, C, H, W)`) -> `pixel_values` `(N, 1, frames, C, H, W)`, each
+    medium its own sample, zeros after a shorter video's frames, and the `frame_mask` `(N, 1, frames)` of its real
+    frames when their counts differ (None when they do not).
+    """
+    frames = [item if item.ndim == 4 else item[None] for item in loaded]  # an image is one frame
+    counts = [item.shape[0] for item in frames]
+    if len(set(counts)) == 1:
+        return torch.stack(frames)[:, None], None
+    pixel_values = frames[0].new_zeros(len(frames), 1, max(counts), *frames[0].shape[1:])
+    frame_mask = torch.zeros(len(frames), 1, max(counts), dtype=torch.long)
+    for index, (item, count) in enumerate(zip(frames, counts)):
+        pixel_values[index, 0, :count] = item
+        frame_mask[index, 0, :count] = 1
+    return pixel_values, frame_mask
 
 
 @torch.no_grad()
@@ -199,14 +251,14 @@ def build_prompt(task: Task, example: Example, demos: list[Example], shots: int)
     A sample's prompt and its images: every demo filled in (`PromptTemplate.demo`) and followed by the template's
     separator, then the query cut before its answer (`PromptTemplate.query`), as `otter.prompts.few_shot_prompt` does.
     A turn with several images (`Example.image` a tuple) shows each before its own label, as in training
-    (`otter.prompts.with_images`). With `shots == 0` the demos are text-only (their `<image>` removed) and only
-    the query's images are given: OpenFlamingo's zero-shot protocol.
+    (`otter.prompts.with_images`). With `shots == 0` the demos are text-only (their `<image>` or `<video>` removed)
+    and only the query's images are given: OpenFlamingo's zero-shot protocol.
     """
     template = task.prompt
     context = "".join(_with_images(template, template.demo(**demo.fields), len(demo.images), demo) + template.separator
                       for demo in demos)
     if shots == 0:
-        context = context.replace(IMAGE_TOKEN, "")
+        context = context.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "")
     text = context + _with_images(template, template.query(**example.fields), len(example.images), example)
     images = ([image for demo in demos for image in demo.images] if shots > 0 else []) + list(example.images)
     return text, images
@@ -217,7 +269,7 @@ def build_prompt(task: Task, example: Example, demos: list[Example], shots: int)
 _CHANGED = {
     "weights": "the model's weights changed",
     "processor": "the processor changed (its tokenizer or image preprocessing)",
-    "data": "the data set changed (its samples' annotations, or the sizes of their image files)",
+    "data": "the data set changed (its samples' annotations, or the sizes of their image or video files)",
 }
 
 
@@ -309,13 +361,13 @@ def _check_out(out: Path) -> None:
             break
 
 
-def _check_images(sizes: Mapping[str, int | None], images: Iterable, what: str) -> None:
-    """Every image of `images` is a file (by `sizes`, from `image_sizes`); else one error counting and naming the
-    missing ones."""
+def _check_images(sizes: Mapping[str, int | None], images: Iterable, what: str, media: str = "image") -> None:
+    """Every image (or video: `media`) of `images` is a file (by `sizes`, from `image_sizes`); else one error counting
+    and naming the missing ones."""
     missing = [image for image in dict.fromkeys(str(image) for image in images) if sizes.get(image) is None]
     if missing:
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        files = "image file" if len(missing) == 1 else "image files"
+        files = f"{media} file" if len(missing) == 1 else f"{media} files"
         raise ValueError(f"{len(missing)} {files} {what} {'is' if len(missing) == 1 else 'are'} missing (or not a "
                          f"file): {listed} (see the dataset layouts in eval/README.md)")
 
@@ -325,8 +377,8 @@ class Evaluation:
     """
     An evaluation prepared and checked before any model is involved (what `otter eval` does before it loads the
     model), then run on a model with `run`: the arguments are checked; the data set is loaded and fingerprinted;
-    every image the run will show (every image RICES embeds, with `rices`) is checked to be a file; `out` is checked
-    to be a file that can be written; a per-sample log made with other data or task settings is refused. The
+    every image or video the run will show (every image RICES embeds, with `rices`) is checked to be a file; `out` is
+    checked to be a file that can be written; a per-sample log made with other data or task settings is refused. The
     arguments are `evaluate`'s.
     """
 
@@ -344,6 +396,7 @@ class Evaluation:
         num_samples: int | None = None,
         query_set_size: int = 2048,
         classes_per_forward: int = 16,
+        num_frames: int | None = None,
     ):
         task = get_task(task)
         shots = list(shots)
@@ -356,6 +409,22 @@ class Evaluation:
         if rices and trials > 1:
             raise ValueError(f"RICES picks the same demonstrations in every trial; use trials=1 with rices=True, got "
                              f"{trials}")
+        if task.media not in ("image", "video"):
+            raise ValueError(f"task {task.name}: media must be 'image' or 'video', got {task.media!r}")
+        if num_frames is not None:
+            if task.media != "video":
+                raise ValueError(f"num_frames is how many frames of a video are shown; {task.name} shows images")
+            if not isinstance(num_frames, int) or num_frames < 1:
+                raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        if task.media == "video":
+            if rices:
+                raise ValueError(f"RICES retrieves demonstrations by image similarity, and {task.name} shows videos; "
+                                 "run without rices (random demonstrations)")
+            try:
+                import av  # noqa: F401
+            except ImportError:
+                raise ValueError(f"{task.name} shows videos, which are decoded with PyAV, not installed: "
+                                 "pip install 'otter-flamingo[video]'") from None
         if task.postprocess is not None:
             task.postprocess("")  # fail now, not after the first batch, if post-processing lacks something (NLTK data)
         out = Path(out)
@@ -407,14 +476,16 @@ class Evaluation:
         self.data_dir, self.out, self.log_path = data_dir, out, out.with_suffix(".samples.jsonl")
         self.shots, self.trials, self.seed, self.query_set_size = shots, trials, seed, query_set_size
         self.rices, self.rices_cache = rices, rices_cache
-        self.batch_size, self.classes_per_forward = batch_size, classes_per_forward
-        sizes = image_sizes(benchmark_images(benchmark))
+        self.batch_size, self.classes_per_forward, self.num_frames = batch_size, classes_per_forward, num_frames
+        sizes = image_sizes(benchmark_images(benchmark))  # the videos' sizes, for a video task
         # what determines the results, but for the model: a log made with other settings is refused before it loads
         self.data_settings = json.loads(json.dumps({
             "task": task.name, "data": data_fingerprint(benchmark, data_dir, sizes), "seed": seed,
             "num_samples": num_samples, "query_set_size": query_set_size,
             "prompt": [task.prompt.template, task.prompt.separator], "zero_shot_demos": task.zero_shot_demos,
             "generation": task.generation, "classes": benchmark.class_names,
+            # a video task's frames, when given: otherwise the processor's, known once it is loaded (`run`)
+            **(video_settings(num_frames) if num_frames is not None else {}),
         }))
         _check_log(self.log_path, self.data_settings, partial=True)
         logger.info("%s: %d samples to evaluate, %d demonstrations to draw from, %d samples with their own",
@@ -423,7 +494,7 @@ class Evaluation:
             _check_images(sizes, [image for example in [*test, *benchmark.pool] for image in example.images],
                           "RICES embeds")
         else:
-            _check_images(sizes, self._shown_images(), "this run shows")
+            _check_images(sizes, self._shown_images(), "this run shows", task.media)
 
     def _plan(self, num_shots: int, trial: int, most_similar=None) -> list[list[Example]]:
         """The demonstrations of every evaluated sample in one pass: its own, RICES's or random ones."""
@@ -447,9 +518,24 @@ class Evaluation:
                 demos = {id(demo): demo for sample in self._plan(num_shots, trial) for demo in sample}
                 yield from (image for demo in demos.values() for image in demo.images)
 
+    def _video_frames(self, model, processor) -> int:
+        """How many frames of each video are shown: `num_frames`, else the processor's, else `DEFAULT_FRAMES` (at
+        most the model's `max_num_frames`)."""
+        most = getattr(model.config, "max_num_frames", None)
+        num_frames, source = self.num_frames, "num_frames"
+        if num_frames is None and getattr(processor, "num_frames", None):
+            num_frames, source = processor.num_frames, "the processor's num_frames"
+        if num_frames is None:
+            num_frames = min(DEFAULT_FRAMES, most or DEFAULT_FRAMES)
+        if most is not None and num_frames > most:
+            raise ValueError(f"{source} is {num_frames}, but this model takes at most {most} frames per video (its "
+                             "config's max_num_frames)")
+        return num_frames
+
     def run(self, model, processor, rices_encoder=None) -> dict:
         """Evaluate `model` with `processor` (see `evaluate`) and write the results; returns them."""
         task, benchmark, test, out = self.task, self.benchmark, self.test, self.out
+        num_frames = self._video_frames(model, processor) if task.media == "video" else None
         embed = None
         if self.rices:
             vision_model, image_processor = rices_encoder or (model.vision_model, processor.image_processor)
@@ -458,7 +544,8 @@ class Evaluation:
         settings = {
             "task": task.name, "weights": weights_fingerprint(model), "processor": processor_fingerprint(processor),
             "dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
-            **self.data_settings, "rices": embed.fingerprint if embed else False,
+            **self.data_settings, **(video_settings(num_frames) if num_frames is not None else {}),
+            "rices": embed.fingerprint if embed else False,
         }
         _check_log(self.log_path, settings)
         done = _read_records(self.log_path)
@@ -476,7 +563,7 @@ class Evaluation:
         results = []
         fresh_log = not self.log_path.exists() or self.log_path.stat().st_size == 0
         with (open(self.log_path, "a", encoding="utf-8") as log,
-              ImagePrefetcher(processor.image_processor) as prefetcher):
+              ImagePrefetcher(processor.image_processor, num_frames=num_frames) as prefetcher):
             if fresh_log:
                 log.write(json.dumps({"settings": settings}) + "\n")
                 log.flush()
@@ -486,7 +573,9 @@ class Evaluation:
                     demos = self._plan(num_shots, trial, most_similar)
                     todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
                     prompts = {i: build_prompt(task, test[i], demos[i], num_shots) for i in todo}
-                    cache = ImageFeatureCache(image for _, images in prompts.values() for image in images)
+                    # a video's latents are kept until its last use: each video is decoded once per pass
+                    cache = ImageFeatureCache((image for _, images in prompts.values() for image in images),
+                                              max_images=None if num_frames else 2048)
                     batches = [todo[start:start + self.batch_size] for start in range(0, len(todo), self.batch_size)]
                     upcoming = None
                     # closed on an error too, so that the error's message starts a line of its own
@@ -503,7 +592,7 @@ class Evaluation:
                                 skip=lambda key: key in current or cache.get(key) is not None)
                             records = _run_batch(model, processor, task, benchmark, [test[i] for i in indices],
                                                  [demos[i] for i in indices], [prompts[i] for i in indices], cache,
-                                                 current, class_token_ids, self.classes_per_forward)
+                                                 current, class_token_ids, self.classes_per_forward, num_frames)
                             for record in records:
                                 record.update(shots=num_shots, trial=trial)
                                 log.write(json.dumps(record) + "\n")
@@ -550,6 +639,7 @@ def evaluate(
     num_samples: int | None = None,
     query_set_size: int = 2048,
     classes_per_forward: int = 16,
+    num_frames: int | None = None,
 ) -> dict:
     """
     Evaluate `model` (an `OtterForConditionalGeneration`, in eval mode on its device) few-shot on `task` (a name in
@@ -561,6 +651,8 @@ def evaluate(
     processor) pair (see `ImageEmbedder`; default: the model's own vision tower), cached under `rices_cache`
     (default: `rices_cache/` next to `out`)),
     the samples are evaluated in batches of `batch_size`. `num_samples` evaluates a seeded random subset of the split.
+    A video task (`Task.media == "video"`) shows each video as `num_frames` frames sampled uniformly (default: the
+    processor's `num_frames`, else 8, at most the model's `max_num_frames`), decoded once per pass.
 
     Writes `out` (JSON: the resume settings, per-shot scores with mean and std over trials, per-sample predictions),
     the Markdown summary next to it (`.md`), and the per-sample log (`.samples.jsonl`) from which an interrupted run
@@ -571,7 +663,8 @@ def evaluate(
     """
     evaluation = Evaluation(task, data_dir, out, shots=shots, trials=trials, seed=seed, rices=rices,
                             rices_cache=rices_cache, batch_size=batch_size, num_samples=num_samples,
-                            query_set_size=query_set_size, classes_per_forward=classes_per_forward)
+                            query_set_size=query_set_size, classes_per_forward=classes_per_forward,
+                            num_frames=num_frames)
     return evaluation.run(model, processor, rices_encoder=rices_encoder)
 
 
@@ -612,10 +705,10 @@ def _rank_candidates(model, processor, task: Task, inputs: dict, examples: list[
 
 def _run_batch(model, processor, task: Task, benchmark: Benchmark, examples: list[Example], demos: list[list[Example]],
                prompts: list[tuple[str, list]], cache: ImageFeatureCache, pixels: Mapping[object, Future],
-               class_token_ids, classes_per_forward: int) -> list[dict]:
+               class_token_ids, classes_per_forward: int, num_frames: int | None = None) -> list[dict]:
     """Per-sample records of one batch (prompts from `build_prompt`): id, demonstration ids, the output, the prediction."""
     inputs = encode_batch(model, processor, [text for text, _ in prompts], [images for _, images in prompts], cache,
-                          pixels)
+                          pixels, num_frames)
     records = [{"id": example.id, "demos": [demo.id for demo in sample_demos]}
                for example, sample_demos in zip(examples, demos)]
     if task.ranks_classes and any(example.candidates is not None for example in examples):

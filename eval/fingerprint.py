@@ -1,7 +1,8 @@
 """
 Fingerprints of what determines an evaluation's results, which a resumed run must match: the weights of a model in
-memory, its processor, and the loaded data set. Each is a sha256 hex digest, the same in every run and on every device
-for the same content.
+memory, its processor, and the loaded data set (its images' or videos' file sizes included); and how a video task
+samples its frames. Each fingerprint is a sha256 hex digest, the same in every run and on every device for the same
+content.
 """
 
 import gc
@@ -110,8 +111,9 @@ def _size(path: str) -> int | None:
 
 
 def image_sizes(paths: Iterable, threads: int = 16) -> dict[str, int | None]:
-    """`str(path) -> size` of each distinct path, None for a missing file or a path that is not a file; the files are
-    looked up (not read) by `threads` threads, which is what counts on a network file system."""
+    """`str(path) -> size` of each distinct path (image or video files), None for a missing file or a path that is
+    not a file; the files are looked up (not read) by `threads` threads, which is what counts on a network file
+    system."""
     unique = list(dict.fromkeys(str(path) for path in paths))
     parts = [unique[k::threads] for k in range(threads)]
     with ThreadPoolExecutor(threads, thread_name_prefix="otter-stat") as pool:
@@ -120,7 +122,7 @@ def image_sizes(paths: Iterable, threads: int = 16) -> dict[str, int | None]:
 
 
 def benchmark_images(benchmark: Benchmark) -> list[Path]:
-    """Every image path a benchmark's examples (their own demonstrations included) refer to, in order."""
+    """Every image (or video) path a benchmark's examples (their own demonstrations included) refer to, in order."""
     def images(example: Example):
         yield from example.images
         for demo in example.demos or ():
@@ -132,10 +134,10 @@ def benchmark_images(benchmark: Benchmark) -> list[Path]:
 def data_fingerprint(benchmark: Benchmark, data_dir: Path, sizes: dict[str, int | None]) -> str:
     """
     What the loaded data set gives an evaluation: each example's id, prompt fields, candidates, own demonstrations,
-    and images by their path relative to `data_dir` with their file size (`sizes`, from `image_sizes`), for the pool
-    and the evaluated split, in order; the evaluated examples' targets; the class names. (A pool example's target is
-    not used: a demonstration shows its fields.) The same data set in another folder has the same fingerprint; an
-    edited annotation, or an image replaced by a file of another size, changes it.
+    and images (or videos) by their path relative to `data_dir` with their file size (`sizes`, from `image_sizes`),
+    for the pool and the evaluated split, in order; the evaluated examples' targets; the class names. (A pool
+    example's target is not used: a demonstration shows its fields.) The same data set in another folder has the same
+    fingerprint; an edited annotation, or an image or video replaced by a file of another size, changes it.
     """
     prefix = str(data_dir) + os.sep
 
@@ -162,3 +164,12 @@ def data_fingerprint(benchmark: Benchmark, data_dir: Path, sizes: dict[str, int 
             gc.enable()
     digest.update(json.dumps(benchmark.class_names).encode())
     return digest.hexdigest()
+
+
+def video_settings(num_frames: int) -> dict:
+    """
+    What decides the frames a video task shows, besides the video files (whose sizes `data_fingerprint` holds) and the
+    image preprocessing (`processor_fingerprint`): how many frames, and how they are picked (uniformly, first and last
+    included: `otter.video.uniform_indices`). Settings of the resume key, so that a change is named.
+    """
+    return {"num_frames": num_frames, "frame_sampling": "uniform"}

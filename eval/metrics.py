@@ -1,6 +1,6 @@
 """
 The official metrics and OpenFlamingo's post-processing: VQA accuracy (VQAEval's normalisation, reimplemented and
-proven equal on edge cases), OK-VQA's stemming, CIDEr (pycocoevalcap), ROC AUC (scikit-learn).
+proven equal on edge cases), OK-VQA's stemming, exact match (video QA), CIDEr (pycocoevalcap), ROC AUC (scikit-learn).
 """
 
 import re
@@ -186,6 +186,22 @@ def postprocess_ok_vqa(text: str) -> str:
     return stem_ok_vqa(postprocess_vqa(text))
 
 
+# -- exact match: MSVD-QA, MSRVTT-QA (and ShapesWorld) ------------------------------------------------------------
+def normalise_exact(text: str) -> str:
+    """What exact-match accuracy compares: the text without surrounding whitespace, lower-cased."""
+    return text.strip().lower()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """
+    Whether a prediction is right by exact match: equal to the ground-truth answer once both are lower-cased and
+    stripped (`normalise_exact`), nothing more. MSVD-QA's and MSRVTT-QA's accuracy (Xu et al., 2017, and the
+    evaluations that report them since) is the percentage of questions answered so: their answers are single words,
+    and a plural, an article or a trailing period is wrong.
+    """
+    return normalise_exact(prediction) == normalise_exact(answer)
+
+
 # -- captioning, classification ----------------------------------------------------------------------------------------
 def cider(predictions: dict, references: dict) -> tuple[float, dict]:
     """
@@ -220,5 +236,5 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 __all__ = [
     "normalize_vqa_answer", "vqa_accuracy", "overall_vqa_accuracy", "postprocess_vqa", "postprocess_caption",
-    "postprocess_ok_vqa", "stem_ok_vqa", "cider", "roc_auc",
+    "postprocess_ok_vqa", "stem_ok_vqa", "normalise_exact", "exact_match", "cider", "roc_auc",
 ]

@@ -11,11 +11,22 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from otter.prompts import CAPTION, CLASSIFICATION, HATEFUL_MEMES, OTTER_CHAT, VQA, PromptTemplate
+from otter.prompts import CAPTION, CLASSIFICATION, HATEFUL_MEMES, OTTER_CHAT, VIDEO_QA, VQA, PromptTemplate
 
-from .datasets import Benchmark, Example, load_captions, load_hateful_memes, load_image_folder, load_vqa
+from .datasets import (
+    Benchmark,
+    Example,
+    load_captions,
+    load_hateful_memes,
+    load_image_folder,
+    load_msrvtt_qa,
+    load_msvd_qa,
+    load_vqa,
+)
 from .metrics import (
     cider,
+    exact_match,
+    normalise_exact,
     overall_vqa_accuracy,
     postprocess_caption,
     postprocess_ok_vqa,
@@ -46,15 +57,9 @@ def score_top1(examples: list[Example], records: list[dict]) -> tuple[float, lis
     return 100 * statistics.fmean(correct), [{"correct": flag} for flag in correct]
 
 
-def normalise_exact(text: str) -> str:
-    """What exact-match tasks compare: the text without surrounding whitespace, lower-cased."""
-    return text.strip().lower()
-
-
 def score_exact_match(examples: list[Example], records: list[dict]) -> tuple[float, list[dict]]:
-    """Percentage of predictions equal to the target string, both stripped and lower-cased."""
-    correct = [normalise_exact(record["prediction"]) == normalise_exact(example.target)
-               for example, record in zip(examples, records)]
+    """Percentage of predictions equal to the target string, both stripped and lower-cased (`exact_match`)."""
+    correct = [exact_match(record["prediction"], example.target) for example, record in zip(examples, records)]
     return 100 * statistics.fmean(correct), [{"correct": flag} for flag in correct]
 
 
@@ -82,6 +87,8 @@ class Task:
     zero_shot_demos: how many text-only demonstrations a 0-shot prompt carries (Flamingo's protocol; only the
         query's image is given).
     group_by: a key of the samples' `fields`; when set, the results also give the score of each group of samples.
+    media: what `Example.image` holds, "image" files or "video" files (decoded and sampled to a number of frames;
+        the prompt template marks them `<video>`).
     """
 
     name: str
@@ -94,6 +101,7 @@ class Task:
     zero_shot_demos: int = 2
     top_k: int = 1  # ranking tasks: how many best classes each record keeps, as [name, mean log-prob] pairs
     group_by: str | None = None
+    media: str = "image"
 
     @property
     def ranks_classes(self) -> bool:
@@ -142,6 +150,17 @@ TASKS["shapesworld_comparison"] = Task(
     name="shapesworld_comparison", metric="exact-match accuracy", load=load_shapesworld_comparison,
     prompt=OTTER_CHAT, score=score_exact_match, generation=dict(num_beams=1, max_new_tokens=48),
     postprocess=normalise_exact, zero_shot_demos=0)
+
+
+# Video QA (Xu et al., 2017): VQA's prompt, demonstrations, zero-shot protocol, decoding and post-processing, a video
+# in place of the image; accuracy by exact match with the one-word answer, also per question type (what, who, ...).
+def _video_qa_task(name: str, load: Callable[[Path], Benchmark]) -> Task:
+    return Task(name=name, metric="exact-match accuracy", load=load, prompt=VIDEO_QA, score=score_exact_match,
+                generation=VQA_GENERATION, postprocess=postprocess_vqa, group_by="type", media="video")
+
+
+TASKS["msvd_qa"] = _video_qa_task("msvd_qa", load_msvd_qa)
+TASKS["msrvtt_qa"] = _video_qa_task("msrvtt_qa", load_msrvtt_qa)
 
 
 def get_task(task: "str | Task") -> Task:

@@ -50,6 +50,7 @@ CLASSIFICATION = PromptTemplate("<image>Output:{label}", "label", separator="")
 HATEFUL_MEMES = PromptTemplate(
     "<image>is an image with: '{ocr}' written on it. Is it hateful? Answer:{answer}", "answer", separator=""
 )
+VIDEO_QA = PromptTemplate("<video>Question:{question} Short answer:{answer}", "answer")  # VQA's, a video shown
 # Otter's MIMIC-IT chat format: the loss covers only what follows <answer>
 OTTER_CHAT = PromptTemplate("<image>User: {instruction} GPT:<answer> {answer}", "answer")
 

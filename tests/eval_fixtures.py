@@ -1,4 +1,5 @@
-"""Tiny synthetic data sets in each benchmark's documented layout (eval/README.md), written under a test's tmp_path."""
+"""Tiny synthetic data sets in each benchmark's documented layout (eval/README.md), written under a test's tmp_path
+(videos with PyAV, imported only by the video data sets)."""
 
 import json
 from pathlib import Path
@@ -134,6 +135,67 @@ def make_hateful_memes(root: Path, num_pool: int = 4, num_test: int = 4) -> Path
     return root
 
 
+# video QA: one-word answers, the first of each split "red"; evaluated videos alternate, each asked two questions
+VIDEO_QA = [("what is the man doing?", "red"), ("who is playing a guitar?", "man"), ("how many dogs run?", "two"),
+            ("where is the cat?", "table"), ("what colour is the car?", "blue"), ("when does it rain?", "night")]
+VIDEO_FRAMES = [6, 3, 5, 6, 3, 6]  # frames of the k-th video (at 10 fps): some fewer than the 4 the tests show
+
+
+def write_colour_video(path: Path, index: int, frames: int) -> Path:
+    """A short video whose frames are solid colours that depend on `index` (PyAV: tests/video_fixtures.py)."""
+    from PIL import Image
+
+    from .video_fixtures import write_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = COLOURS[index % len(COLOURS)]
+    return write_video(path, [Image.new("RGB", (40, 30), tuple((c + 25 * k) % 256 for c in base))
+                              for k in range(frames)])
+
+
+def _video_qa_records(video_ids: list, first_id: int) -> list[dict]:
+    """Two questions per video of `video_ids` (the first question of each)."""
+    records = []
+    for n, video_id in enumerate(video_ids):
+        question, answer = VIDEO_QA[n % len(VIDEO_QA)]
+        records.append({"answer": answer, "id": first_id + n, "question": question, "video_id": video_id})
+    return records
+
+
+def make_msvd_qa(root: Path, num_pool: int = 4, num_test: int = 4) -> Path:
+    """
+    MSVD-QA's official layout: train_qa.json / test_qa.json name videos by video_id N, youtube_mapping.txt maps
+    "vidN" to a clip name, YouTubeClips/<clip name>.avi. Pool questions on videos 1..num_pool-1 (the last two share
+    one), test questions on videos 20 and 21 in turn (6 and 3 frames).
+    """
+    pool_videos = [1 + min(n, num_pool - 2) for n in range(num_pool)]
+    test_videos = [20 + n % 2 for n in range(num_test)]
+    mapping = []
+    for k, number in enumerate(sorted(set(pool_videos + test_videos))):
+        clip = f"-{number}xYz_Clip_{5 * number}_{5 * number + 10}"
+        write_colour_video(root / "YouTubeClips" / f"{clip}.avi", number, VIDEO_FRAMES[k % len(VIDEO_FRAMES)])
+        mapping.append(f"{clip} vid{number}")
+    (root / "youtube_mapping.txt").write_text("\n".join(mapping) + "\n")
+    (root / "train_qa.json").write_text(json.dumps(_video_qa_records(pool_videos, 0)))
+    (root / "test_qa.json").write_text(json.dumps(_video_qa_records(test_videos, 1000)))
+    return root
+
+
+def make_msrvtt_qa(root: Path, num_pool: int = 4, num_test: int = 4) -> Path:
+    """
+    MSRVTT-QA's official layout: train_qa.json / test_qa.json name videos by video_id N, the file video/videoN.mp4
+    (train videos from 0, test videos from 7010, as MSR-VTT's split). Questions and frames as `make_msvd_qa`'s.
+    """
+    pool_videos = [min(n, num_pool - 2) for n in range(num_pool)]
+    test_videos = [7010 + n % 2 for n in range(num_test)]
+    for k, number in enumerate(sorted(set(pool_videos + test_videos))):
+        write_colour_video(root / "video" / f"video{number}.mp4", number, VIDEO_FRAMES[k % len(VIDEO_FRAMES)])
+    for name, videos, first_id in (("train_qa.json", pool_videos, 0), ("test_qa.json", test_videos, 1000)):
+        records = [{**record, "category_id": 3} for record in _video_qa_records(videos, first_id)]
+        (root / name).write_text(json.dumps(records))
+    return root
+
+
 def make_dataset(task: str, root: Path) -> Path:
     """The fixture of any task in `otter.eval.TASKS`."""
     if task in VQA_NAMES:
@@ -144,4 +206,8 @@ def make_dataset(task: str, root: Path) -> Path:
         return make_image_folder(root)
     if task == "hateful_memes":
         return make_hateful_memes(root)
+    if task == "msvd_qa":
+        return make_msvd_qa(root)
+    if task == "msrvtt_qa":
+        return make_msrvtt_qa(root)
     raise ValueError(f"no fixture for task {task!r}")

@@ -60,7 +60,7 @@ def last_line(stderr: str) -> str:
     return stderr[:-1].rsplit("\n", 1)[-1]
 
 
-DATA_CHANGED = r"\(the data set changed \(its samples' annotations, or the sizes of their image files\)\)"
+DATA_CHANGED = r"\(the data set changed \(its samples' annotations, or the sizes of their image or video files\)\)"
 
 
 # -- item 2: the resume key is what determines the results ------------------------------------------------------------
