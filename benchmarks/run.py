@@ -94,8 +94,8 @@ TRAINING_PROMPTS = {
     "long": dict(label="long instruction context", images=4, shot_tokens=126, query_tokens=127),
 }
 
-PARTS = ["generation", "evaluation", "training", "conversion"]
-GPU_PARTS = ["generation", "evaluation", "training"]
+PARTS = ["generation", "video", "evaluation", "training", "conversion"]
+GPU_PARTS = ["generation", "video", "evaluation", "training"]
 
 
 def build(spec, device, dtype):
@@ -224,6 +224,277 @@ def bench_generation(model, reference, spec, device, dtype, repeats, new_tokens=
                 result[which] = {"ttft_s": first, "decode_tok_s": batch * (new_tokens - 1) / (full - first)}
             rows.append({"batch": batch, "images": images, "prompt_tokens": input_ids.shape[1], **result})
     return rows
+
+
+# -- video: a 16-frame question, Otter against the Otter project's own generate ---------------------------------------
+# The Otter project's code (otter-ai 0.0.0a8) takes a 1024-wide vision tower only (ViT-L/14's): every video model has
+# one. CPU: ViT-L/14's layers (224 px, patch 14: 257 tokens a frame), 6 of its 24, and CPU_MODEL's language model;
+# GPU: OTTER-Image-MPT7B's architecture (GPU_MODEL) with frame embeddings; tiny: checks that the part runs.
+VIDEO_FRAMES = 16
+VIDEO_QUESTION_TOKENS = 20  # `<image>` then a question of this many tokens: "User: what happens in the video? GPT:"
+VIDEO_MODELS = {
+    "tiny": dict(vision=dict(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
+                             image_size=32, patch_size=16, hidden_act="quick_gelu"),
+                 text=dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=2048, vocab_size=384),
+                 cross_attn_every_n_layers=1),
+    "cpu": dict(vision=dict(GPU_MODEL["vision"], num_hidden_layers=6),
+                text={k: CPU_MODEL["text"][k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size")},
+                cross_attn_every_n_layers=CPU_MODEL["cross_attn_every_n_layers"]),
+    "cuda": dict(vision=GPU_MODEL["vision"],
+                 text={k: GPU_MODEL["text"][k] for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size")},
+                 cross_attn_every_n_layers=GPU_MODEL["cross_attn_every_n_layers"]),
+}
+VIDEO_IMPLEMENTATIONS = ("otter", "otter-project")
+
+
+def video_configs(spec):
+    """
+    (this library's `OtterConfig`, the Otter project's config.json dict) of one video model: a vendored-MPT
+    Otter-Video (frame embeddings for VIDEO_FRAMES frames), the project's token ids (the tiny base tokenizer, then
+    `<|endofchunk|>`, `<image>`, `<answer>`, `<PAD>`), and the MPT config `otter convert otter` derives from it.
+    """
+    from otter.conversion.otter_hf import vendored_mpt_config
+    from otter.tiny import tiny_tokenizer
+    from tests.otter_releases import otter_tokenizer_length, release_config
+
+    base = tiny_tokenizer()
+    release = release_config("video", "mpt", n_tokens=otter_tokenizer_length(base), max_num_frames=VIDEO_FRAMES,
+                             config_overrides={"cross_attn_every_n_layers": spec["cross_attn_every_n_layers"]},
+                             text_overrides={**spec["text"], "hidden_size": spec["text"]["d_model"],
+                                             "init_device": "meta"})
+    release["vision_config"].update(spec["vision"])
+    tokens = len(base)  # the Otter project adds its tokens in this order (the base tokenizer has no pad token)
+    config = OtterConfig(vision_config=dict(spec["vision"]), text_config=vendored_mpt_config(release["text_config"]).to_dict(),
+                         cross_attn_every_n_layers=spec["cross_attn_every_n_layers"], max_num_frames=VIDEO_FRAMES,
+                         eoc_token_id=tokens, media_token_id=tokens + 1, pad_token_id=tokens + 3)
+    return config, release
+
+
+def video_weights(model, device, seed=0):
+    """
+    (name, value) for every parameter of Otter's `model` (built on the meta device will do), in order, drawn on
+    `device` from one seeded generator: both implementations get the same weights, and neither process holds the
+    other's model. Gates half open (the video matters), norms near 1, matrices of unit gain (std 1/sqrt(fan_in)),
+    frame embeddings of unit scale, other vectors small.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    norms = {name for name, module in model.named_modules() if "norm" in type(module).__name__.lower()}
+    for name, parameter in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        noise = torch.randn(parameter.shape, generator=generator, device=device)
+        if leaf in ("attn_gate", "ff_gate"):
+            value = torch.full(parameter.shape, 0.5, device=device)
+        elif owner in norms:
+            value = (1.0 if leaf == "weight" else 0.0) + 0.2 * noise
+        elif leaf == "frame_embs":
+            value = noise
+        elif parameter.ndim == 1:
+            value = 0.1 * noise
+        else:
+            value = noise * parameter.shape[1:].numel() ** -0.5
+        yield name, value
+
+
+def build_video_model(spec, device, dtype):
+    """This library's Otter-Video of `spec`, on `device` in `dtype`, with `video_weights`."""
+    config, _ = video_configs(spec)
+    with torch.device(device):
+        model = OtterForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in video_weights(model, device):
+            parameters[name].copy_(value)
+    return model
+
+
+def build_otter_project_video_model(spec, device, dtype):
+    """
+    The Otter project's own `OtterForConditionalGeneration` (otter-ai 0.0.0a8: its vendored MPT, perceiver,
+    cross-attention and CLIP, built by tests/otter_releases.py under transformers 5, CLIP's attention eager as in
+    transformers 4.30), on `device` in `dtype`, holding `video_weights` of this library's model of `spec` (names mapped
+    by `otter convert otter`'s table, every parameter of both accounted for).
+    """
+    from otter.conversion.otter_hf import otter_name
+    from tests.otter_releases import build_otter_ai_model
+    from otter.tiny import tiny_tokenizer
+
+    config, release = video_configs(spec)
+    with torch.device("meta"):  # built empty: the weights come from video_weights
+        ours = OtterForConditionalGeneration(config)
+        project = build_otter_ai_model(release, tiny_tokenizer())
+    if (project.media_token_id, project.eoc_token_id) != (config.media_token_id, config.eoc_token_id):
+        raise RuntimeError(f"the Otter project's <image>, <|endofchunk|> are {project.media_token_id}, "
+                           f"{project.eoc_token_id}; this library's config says {config.media_token_id}, "
+                           f"{config.eoc_token_id}")
+    project = project.to(dtype=dtype).to_empty(device=device).eval()
+    theirs = dict(project.named_parameters())
+    names = {}  # this library's name -> the project's
+    for name in theirs:
+        stored = name.replace("vision_encoder.", "vision_encoder.vision_model.", 1)  # transformers 4.30's names
+        names[otter_name(stored, "mpt")] = name
+    filled = set()
+    with torch.no_grad():
+        for name, value in video_weights(ours, device):
+            if name not in names:
+                raise RuntimeError(f"the Otter project's model has no counterpart of {name}")
+            theirs[names[name]].copy_(value)
+            filled.add(names[name])
+        if filled != set(theirs):
+            raise RuntimeError(f"parameters of the Otter project's model left unset: {sorted(set(theirs) - filled)}")
+        for name, buffer in project.named_buffers():  # to_empty left them uninitialised
+            if not name.endswith("embeddings.position_ids"):
+                raise RuntimeError(f"unexpected buffer {name} in the Otter project's model")
+            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+    return project
+
+
+@torch.no_grad()
+def otter_project_generate(model, vision_x, input_ids, attention_mask, new_tokens, suppress, logits_out=None):
+    """
+    The Otter project's `generate()` as it ran (transformers 4.30, greedy): the video encoded once
+    (`_encode_vision_x`), then its vendored MPT's `generate`, which reads `use_cache` from the model's config (False in
+    every MPT release): each step runs `prepare_inputs_for_generation` and a forward over the whole sequence (every
+    decoder layer and cross-attention block, the media keys/values recomputed), and picks the next token from the last
+    position's logits. `suppress`: the ids min_new_tokens and suppress_tokens keep out (`<|endofchunk|>`, `<image>`).
+    `logits_out`: a list that gets each step's logits `(batch, vocab)` before suppression.
+    """
+    model._encode_vision_x(vision_x=vision_x)
+    language_model = model.lang_encoder
+    sequences, mask = input_ids, attention_mask
+    for _ in range(new_tokens):
+        inputs = language_model.prepare_inputs_for_generation(sequences, past_key_values=None, attention_mask=mask,
+                                                              use_cache=False)
+        logits = language_model(**inputs).logits[:, -1, :]
+        if logits_out is not None:
+            logits_out.append(logits.clone())
+        logits[:, suppress] = -float("inf")
+        sequences = torch.cat([sequences, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    language_model.clear_conditioned_layers()
+    return sequences
+
+
+def video_inputs(spec, config, device, dtype):
+    """One `<image>` + VIDEO_QUESTION_TOKENS-token question, and a VIDEO_FRAMES-frame video (1, 1, F, 3, S, S)."""
+    generator = torch.Generator().manual_seed(5)
+    question = torch.randint(0, config.eoc_token_id, (VIDEO_QUESTION_TOKENS,), generator=generator).tolist()
+    input_ids = torch.tensor([[config.media_token_id] + question], device=device)
+    size = spec["vision"]["image_size"]
+    video = torch.randn(1, 1, VIDEO_FRAMES, 3, size, size, generator=generator).to(device, dtype)
+    return input_ids, torch.ones_like(input_ids), video
+
+
+def video_worker(which, spec, device, dtype, repeats, logits_file, new_tokens=32):
+    """
+    For `which` implementation, in a process of its own: time to first token (encoding the video, then the prompt), of
+    which encoding, decode tokens/s, peak memory above the loaded model, the tokens generated, and (to `logits_file`)
+    each step's logits `(new_tokens, vocab)`. Prints "ready" once the model is built and waits for a line on stdin
+    before measuring: both workers build at once, and measure one after the other.
+    """
+    model = (build_video_model if which == "otter" else build_otter_project_video_model)(spec, device, dtype)
+    config, _ = video_configs(spec)
+    input_ids, mask, video = video_inputs(spec, config, device, dtype)
+    if which == "otter":
+        def run(tokens, **kwargs):
+            return model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=video, max_new_tokens=tokens,
+                                  min_new_tokens=tokens, do_sample=False, num_beams=1, use_cache=True,
+                                  eos_token_id=config.eoc_token_id, pad_token_id=config.pad_token_id,
+                                  suppress_tokens=[config.media_token_id], bad_words_ids=None, **kwargs)
+
+        def encode():
+            with torch.no_grad():
+                return model.get_media_key_values(model.get_image_features(video))
+    else:
+        # min_new_tokens keeps out <|endofchunk|>, suppress_tokens <image>
+        suppress = [config.eoc_token_id, config.media_token_id]
+
+        def run(tokens, logits=None):
+            return otter_project_generate(model, video, input_ids, mask, tokens, suppress, logits)
+
+        def encode():
+            with torch.no_grad():
+                model._encode_vision_x(vision_x=video)
+            model.lang_encoder.clear_conditioned_layers()
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _peak_rss_reset()
+        base = _current_rss()
+    if which == "otter":
+        output = run(new_tokens, output_logits=True, return_dict_in_generate=True)
+        sequences, logits = output.sequences, torch.cat(output.logits)
+    else:
+        steps = []
+        sequences = run(new_tokens, logits=steps)
+        logits = torch.cat(steps)
+    torch.save(logits.float().cpu(), logits_file)
+    encoding = median_time(encode, device, repeats)
+    first = median_time(lambda: run(1), device, repeats)
+    full = median_time(lambda: run(new_tokens), device, repeats)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
+    return {"ttft_s": first, "encoding_s": encoding, "decode_tok_s": (new_tokens - 1) / (full - first),
+            "peak_extra_bytes": peak, "tokens": sequences[0, input_ids.shape[1]:].tolist(),
+            "prompt_tokens": input_ids.shape[1],
+            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def bench_video(device, dtype, repeats, tiny=False):
+    """
+    Each implementation in a fresh process (as the training step: memory one run freed would sway the other's); both
+    build their models at once, then measure one after the other. Same tokens: how many of the first new tokens agree;
+    logits: the largest difference between the two at those steps (and one past them).
+    """
+    spec = VIDEO_MODELS["tiny" if tiny else device]
+    row = {"frames": VIDEO_FRAMES, "model": spec, "device": device,
+           "frame_tokens": (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2 + 1}
+    scratch = tempfile.TemporaryDirectory()  # the workers' logits
+    workdir = Path(scratch.name)
+    workers = {}
+    try:
+        for which in VIDEO_IMPLEMENTATIONS:
+            command = [sys.executable, __file__, "--video-worker", which, "--device", device, "--dtype",
+                       str(dtype).removeprefix("torch."), "--repeats", str(repeats), "--workdir", str(workdir)]
+            log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a worker's warnings never block it
+            workers[which] = (subprocess.Popen(command + (["--tiny"] if tiny else []), stdin=subprocess.PIPE,
+                                               stdout=subprocess.PIPE, stderr=log, text=True), log)
+
+        def failed(which):
+            process, log = workers[which]
+            process.wait()
+            log.seek(0)
+            return subprocess.CalledProcessError(process.returncode, process.args, stderr=log.read())
+
+        for which, (process, _) in workers.items():
+            if not any(line.strip() == "ready" for line in iter(process.stdout.readline, "")):
+                raise failed(which)
+        for which, (process, _) in workers.items():
+            output, _ = process.communicate("go\n")
+            if process.returncode:
+                raise failed(which)
+            row[which] = json.loads(output.strip().splitlines()[-1])
+    finally:
+        for process, log in workers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    try:
+        logits = {which: torch.load(workdir / f"video-logits-{which}.pt", weights_only=True)
+                  for which in VIDEO_IMPLEMENTATIONS}
+    finally:
+        scratch.cleanup()
+    ours, theirs = row["otter"]["tokens"], row["otter-project"]["tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    compared = [logits[which][:same + 1] for which in VIDEO_IMPLEMENTATIONS]
+    row.update(same_tokens=same, new_tokens=len(ours), max_logit_difference=(compared[0] - compared[1]).abs().max().item(),
+               logit_std=compared[0].std().item())
+    return row
 
 
 # -- few-shot evaluation ---------------------------------------------------------------------------------------------
@@ -577,6 +848,40 @@ def _wrap(line, width=120):
     return textwrap.fill(line, width, subsequent_indent="  " if line.startswith("- ") else "")
 
 
+def seconds(value):
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def video_report(row):
+    spec, ours, theirs = row["model"], row["otter"], row["otter-project"]
+    vision, text = spec["vision"], spec["text"]
+    lines = [f"### Video (a {row['frames']}-frame video and a {ours['prompt_tokens']}-token question; greedy, "
+             f"{row['new_tokens']} new tokens, batch 1)", "",
+             f"Model: ViT {vision['num_hidden_layers']} layers x {vision['hidden_size']} ({vision['image_size']} px, "
+             f"patch {vision['patch_size']}: {row['frames']} frames x {row['frame_tokens']} tokens, the perceiver "
+             f"attending over {row['frames'] * (row['frame_tokens'] - 1)} keys), MPT {text['n_layers']} layers x "
+             f"{text['d_model']}, cross-attention every {spec['cross_attn_every_n_layers']} layer(s); "
+             f"{gib(ours['weights_bytes'])} of weights.", "",
+             "| | first token | encoding the video (timed alone) | decode tok/s | peak memory above the weights |", "|---|---|---|---|---|",
+             f"| Otter (video encoded once, media keys/values once, KV cache) | {seconds(ours['ttft_s'])} | "
+             f"{seconds(ours['encoding_s'])} | {ours['decode_tok_s']:.1f} | {gib(ours['peak_extra_bytes'])} |",
+             f"| the Otter project's generate (otter-ai 0.0.0a8: video encoded once, every step recomputes the "
+             f"sequence) | {seconds(theirs['ttft_s'])} | {seconds(theirs['encoding_s'])} | "
+             f"{theirs['decode_tok_s']:.1f} | {gib(theirs['peak_extra_bytes'])} |",
+             f"| Otter's gain (time: project / Otter; memory: Otter / project) | "
+             f"{theirs['ttft_s'] / ours['ttft_s']:.2f}x | {theirs['encoding_s'] / ours['encoding_s']:.2f}x | "
+             f"{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x | "
+             f"{ours['peak_extra_bytes'] / max(theirs['peak_extra_bytes'], 1):.2f}x |", "",
+             f"Same tokens: {row['same_tokens']} of {row['new_tokens']} (greedy, `<|endofchunk|>` and `<image>` kept "
+             f"out); the logits of those steps differ by at most {row['max_logit_difference']:.1e} (their standard "
+             f"deviation: {row['logit_std']:.2f}). Both run in processes of their own on the same weights; the Otter project's model is its own code "
+             "(otter-ai 0.0.0a8's OtterForConditionalGeneration, vendored MPT) under transformers 5, decoding as its "
+             "generate() did with the MPT config's use_cache=False. First token: encoding the video and running the "
+             "prompt; peak memory: " + ("`torch.cuda.max_memory_allocated`" if "cuda" in str(row.get("device"))
+                                        else "peak RSS") + " above what the process held with the model loaded.", ""]
+    return lines
+
+
 def report(results, device, spec):
     peaks = results["peaks"]
     lines = [f"## Results ({device})", "", machine(device, peaks), "",
@@ -602,6 +907,8 @@ def report(results, device, spec):
         lines += ["", f"Bound: the tokens/s at which each decoding step only reads the weights it uses once, batch x "
                   f"bandwidth / weight bytes, with {source} and {gib(weights)} of language model and cross-attention "
                   "weights (KV cache reads left out).", ""]
+    if "video" in results:
+        lines += video_report(results["video"])
     if "evaluation" in results:
         first = results["evaluation"][0]
         lines += [f"### Few-shot evaluation ({first['shots']}-shot VQAv2, OpenFlamingo's protocol: 3 beams, 5 new "
@@ -667,6 +974,7 @@ def main():
     parser.add_argument("--hbm-tbs", type=float, help="the GPU's memory bandwidth in TB/s, for the decode bound")
     parser.add_argument("--training-worker", choices=["otter", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--training-prompt", choices=list(TRAINING_PROMPTS), help=argparse.SUPPRESS)
+    parser.add_argument("--video-worker", choices=VIDEO_IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = TINY_MODEL if args.tiny else GPU_MODEL if args.device == "cuda" else CPU_MODEL
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -674,6 +982,11 @@ def main():
         model, reference = build(spec, args.device, dtype)
         print(json.dumps(train_step(args.training_worker, model, reference, spec, args.device, dtype, args.repeats,
                                     args.training_prompt)))
+        return
+    if args.video_worker:
+        video_spec = VIDEO_MODELS["tiny" if args.tiny else args.device]
+        print(json.dumps(video_worker(args.video_worker, video_spec, args.device, dtype, args.repeats,
+                                      args.workdir / f"video-logits-{args.video_worker}.pt")))
         return
     peak_flops, hbm = data_sheet(args.device, args.peak_tflops, args.hbm_tbs)
     results = {"peaks": {**measured_peaks(args.device, dtype), "dtype": str(dtype).removeprefix("torch."),
@@ -693,6 +1006,7 @@ def main():
         return bench_conversion(args.workdir)
 
     parts = {"generation": generation, "evaluation": evaluation, "conversion": conversion,
+             "video": lambda: bench_video(args.device, dtype, args.repeats, args.tiny),
              "training": lambda: bench_training(args.device, dtype, args.repeats, args.tiny,
                                                 rows=results.setdefault("training", []))}
     failed = []
