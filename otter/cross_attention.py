@@ -77,22 +77,46 @@ class GatedCrossAttentionBlock(GradientCheckpointingLayer):
         return self.ff(hidden_states) * self.ff_gate.tanh() + hidden_states
 
 
+class CrossAttentionMedia:
+    """
+    The media of one forward call, handed down the language model's forward to every `OtterDecoderLayer` as the
+    keyword argument `otter_media` (transformers' models pass their keyword arguments on to their decoder layers), and
+    never stored on a module: calls running at once, in threads or in a server, never see each other's images.
+
+    `per_block`: each cross-attention block's media keys/values `(batch, media * latents, 2 * heads * dim_head)`, in
+    block order; `attn_mask`, `has_media`: from `media_attention_mask`. `reads` counts the blocks that took their media,
+    so the caller can tell a language model that dropped the keyword argument (its images would be silently ignored).
+    """
+
+    def __init__(self, per_block, attn_mask: torch.Tensor, has_media: torch.Tensor):
+        self.per_block, self.attn_mask, self.has_media = tuple(per_block), attn_mask, has_media
+        self.reads = 0
+
+    def for_block(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        return self.per_block[index], self.attn_mask, self.has_media
+
+
 class OtterDecoderLayer(nn.Module):
     """
-    A language-model decoder layer with an optional gated cross-attention block before it.
+    A language-model decoder layer with an optional gated cross-attention block before it (`block_index`: its place
+    among the blocks).
 
-    The wrapped layer is called with its arguments untouched. The media it reads are set by the Otter model for the
-    duration of one forward call (`media` = keys/values, mask, has_media); with none set, only the block's
-    feed-forward branch runs, as for text without images.
+    The media come with the call (`otter_media`, a `CrossAttentionMedia`); the wrapped layer is called with the other
+    arguments untouched. With no media, only the block's feed-forward branch runs, as for text without images.
     """
 
-    def __init__(self, decoder_layer: nn.Module, gated_cross_attn_layer: GatedCrossAttentionBlock | None):
+    def __init__(self, decoder_layer: nn.Module, gated_cross_attn_layer: GatedCrossAttentionBlock | None,
+                 block_index: int | None = None):
         super().__init__()
+        if (gated_cross_attn_layer is None) != (block_index is None):
+            raise ValueError("a layer with a cross-attention block needs its block_index, and only such a layer")
         self.gated_cross_attn_layer = gated_cross_attn_layer
         self.decoder_layer = decoder_layer
-        self.media: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.block_index = block_index
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states, *args, otter_media: CrossAttentionMedia | None = None, **kwargs):
         if self.gated_cross_attn_layer is not None:
-            hidden_states = self.gated_cross_attn_layer(hidden_states, *(self.media or ()))
+            media = () if otter_media is None else otter_media.for_block(self.block_index)
+            hidden_states = self.gated_cross_attn_layer(hidden_states, *media)
         return self.decoder_layer(hidden_states, *args, **kwargs)

@@ -2,17 +2,25 @@
 What Otter needs to know about each language-model family, in one table keyed by `model_type`.
 
 A family is supported when its causal-LM class keeps its decoder layers in one `nn.ModuleList` whose layers take the
-hidden states as their first argument. Other families work by naming that list in `OtterConfig.decoder_layers_attr`.
+hidden states as their first argument, and its forward passes its keyword arguments on to them (the media of a call
+travel that way, as transformers' models do; `OtterMptModel` adds it to MPT). Other families work by naming that list
+in `OtterConfig.decoder_layers_attr`.
 """
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+)
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mpt.modeling_mpt import MptAttention, MptForCausalLM, MptModel, MptPreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -219,25 +227,53 @@ class OtterMptModel(OtterMptPreTrainedModel, MptModel):
             block.attn = attention_class(config, layer_idx=index)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
-                **kwargs):
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         """
-        `MptModel.forward`. MPT's blocks read a boolean mask, True where a key is hidden, which `MptModel` makes
-        from what transformers builds for eager attention. With another implementation in the config, the mask
-        (2-D, or 4-D as `generate()` builds it for a static cache, in that implementation's convention) is turned
-        into that one here.
+        `MptModel.forward`, passing its keyword arguments on to the blocks as transformers' other models do
+        (`MptModel` drops them; Otter's layers read the call's media from them). MPT's blocks read a boolean mask,
+        True where a key is hidden, which `MptModel` makes from what transformers builds for eager attention. With
+        another implementation in the config, the mask (2-D, or 4-D as `generate()` builds it for a static cache, in
+        that implementation's convention) is turned into that one here.
         """
-        if output_attentions is None:
-            output_attentions = self.config.output_attentions
-        if self.config._attn_implementation != "eager":
-            attention_mask = _hidden_keys(self.config, input_ids if inputs_embeds is None else inputs_embeds,
-                                          attention_mask, cache)
-            if output_attentions:  # only the eager computation returns the attention weights
-                with _eager_attention(self):
-                    return super().forward(input_ids=input_ids, cache=cache, attention_mask=attention_mask,
-                                           inputs_embeds=inputs_embeds, output_attentions=True, **kwargs)
-        return super().forward(input_ids=input_ids, cache=cache, attention_mask=attention_mask,
-                               inputs_embeds=inputs_embeds, output_attentions=output_attentions, **kwargs)
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        use_cache = config.use_cache if use_cache is None else use_cache
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # recomputed blocks would append to the cache again
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        if config._attn_implementation != "eager":
+            causal_mask = _hidden_keys(config, inputs_embeds, attention_mask, cache)
+        else:
+            causal_mask = create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                             cache=cache).to(torch.bool)
+        hidden_states = inputs_embeds
+        alibi = self.build_mpt_alibi_tensor(self.num_heads, config.max_seq_len, device=hidden_states.device)
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        with _eager_attention(self) if output_attentions and config._attn_implementation != "eager" else nullcontext():
+            for block in self.blocks:
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+                outputs = block(hidden_states, layer_past=cache, attention_mask=causal_mask, use_cache=use_cache,
+                                output_attentions=output_attentions, position_bias=alibi, **kwargs)
+                hidden_states = outputs[0]
+                if output_attentions:
+                    all_attentions += (outputs[1],)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache,
+                                                         hidden_states=all_hidden_states, attentions=all_attentions)
 
 
 def _hidden_keys(config, inputs, attention_mask, cache) -> torch.Tensor | None:
@@ -277,6 +313,27 @@ class OtterMptForCausalLM(OtterMptPreTrainedModel, MptForCausalLM):
         self.transformer = OtterMptModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                logits_to_keep=0, otter_media=None, **kwargs):
+        """`MptForCausalLM.forward`, handing the call's media (`otter_media`) down to the blocks."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.transformer(input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   use_cache=use_cache, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, return_dict=True,
+                                   **({} if otter_media is None else {"otter_media": otter_media}))
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits, outputs.cache, outputs.hidden_states, outputs.attentions)
+            output = tuple(v for v in output if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=outputs.cache,
+                                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 def sdpa_attentions(language_model: nn.Module, eager: bool | None = None) -> list[MptSdpaAttention]:

@@ -3,7 +3,6 @@ cross-attention before its decoder layers."""
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_otter import OtterConfig
-from .cross_attention import GatedCrossAttentionBlock, OtterDecoderLayer, media_attention_mask
+from .cross_attention import CrossAttentionMedia, GatedCrossAttentionBlock, OtterDecoderLayer, media_attention_mask
 from .language_models import (
     adopt_language_model,
     build_language_model,
@@ -227,6 +226,7 @@ class OtterModel(OtterPreTrainedModel):
                 GatedCrossAttentionBlock(dim, dim_visual, config.cross_attn_heads, config.cross_attn_dim_head,
                                          config.cross_attn_ff_mult)
                 if (index + 1) % every_n == 0 else None,
+                (index + 1) // every_n - 1 if (index + 1) % every_n == 0 else None,
             )
             for index, layer in enumerate(layers)
         )
@@ -389,43 +389,36 @@ class OtterModel(OtterPreTrainedModel):
                 f"sample(s) {too_many} hold more <image> tokens than the {num_media} media items given per sample"
             )
 
-    @contextmanager
-    def _conditioned_on(self, input_ids, media_key_values, media_index, cache):
+    def _media_for_layers(self, input_ids, media_key_values, media_index, cache) -> CrossAttentionMedia | None:
         """
-        Hand every cross-attention layer its media, keys/values and mask for one forward call. `media_key_values` is
-        stacked (`get_media_key_values`) or one tensor per block (`_media_key_values_per_block`, what a forward from
+        What every cross-attention layer reads in one forward call: its media keys/values, the mask, has_media
+        (`CrossAttentionMedia`, passed down the language model's forward). `media_key_values` is stacked
+        (`get_media_key_values`) or one tensor per block (`_media_key_values_per_block`, what a forward from
         pixel_values uses: a stacked tensor would cost a copy, and in training, one zero-filled gradient of its full
         size per block).
         """
-        layers = [layer for layer in self.decoder_layers() if layer.gated_cross_attn_layer is not None]
-        if media_key_values is not None:
-            if input_ids is None:
-                raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
-            per_block = media_key_values if isinstance(media_key_values, tuple) else media_key_values.unbind(1)
-            if per_block[0].shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"the images are for a batch of {per_block[0].shape[0]} but input_ids has {input_ids.shape[0]} rows"
-                )
-            num_media = self._num_media(media_key_values)
-            if media_index is None:
-                if cache is not None and cache.get_seq_length() > 0:
-                    raise ValueError(
-                        "with a filled cache, pass media_index for the new tokens: model.media_index(full_input_ids)"
-                        "[:, -new_tokens:] (generate() does this for you)"
-                    )
-                media_index = self.media_index(input_ids)
-                self._check_media_count(media_index[:, -1], num_media)
-            attn_mask, has_media = media_attention_mask(
-                media_index, num_media, self.config.perceiver_num_latents, self.config.only_attend_immediate_media
+        if media_key_values is None:
+            return None
+        if input_ids is None:
+            raise ValueError("Otter needs input_ids to locate <image> tokens; inputs_embeds alone is not enough")
+        per_block = media_key_values if isinstance(media_key_values, tuple) else media_key_values.unbind(1)
+        if per_block[0].shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"the images are for a batch of {per_block[0].shape[0]} but input_ids has {input_ids.shape[0]} rows"
             )
-            has_media = has_media.to(per_block[0].dtype)
-            for layer, block_key_values in zip(layers, per_block, strict=True):
-                layer.media = (block_key_values, attn_mask, has_media)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.media = None
+        num_media = self._num_media(media_key_values)
+        if media_index is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    "with a filled cache, pass media_index for the new tokens: model.media_index(full_input_ids)"
+                    "[:, -new_tokens:] (generate() does this for you)"
+                )
+            media_index = self.media_index(input_ids)
+            self._check_media_count(media_index[:, -1], num_media)
+        attn_mask, has_media = media_attention_mask(
+            media_index, num_media, self.config.perceiver_num_latents, self.config.only_attend_immediate_media
+        )
+        return CrossAttentionMedia(per_block, attn_mask, has_media.to(per_block[0].dtype))
 
     def _media_key_values_for(self, pixel_values, media_key_values, input_ids=None, frame_mask=None):
         """
@@ -460,8 +453,18 @@ class OtterModel(OtterPreTrainedModel):
             self._check_prompt(input_ids, images_given=pixel_values is not None or media_key_values is not None)
         image_features, media_key_values = self._media_key_values_for(
             pixel_values, media_key_values, input_ids if full_sequences else None, frame_mask)
-        with self._conditioned_on(input_ids, media_key_values, media_index, cache):
+        media = self._media_for_layers(input_ids, media_key_values, media_index, cache)
+        if media is None:
             outputs = language_model(input_ids=input_ids, cache=cache, **kwargs)
+        else:
+            outputs = language_model(input_ids=input_ids, cache=cache, otter_media=media, **kwargs)
+            if media.reads < len(media.per_block):
+                raise RuntimeError(
+                    f"{type(language_model).__name__} did not pass the keyword argument otter_media on to its decoder "
+                    f"layers ({media.reads} of {len(media.per_block)} cross-attention blocks got the images): its "
+                    "answers would ignore them. Its forward must pass **kwargs down to the layers, as transformers' "
+                    "models do."
+                )
         return image_features, outputs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
