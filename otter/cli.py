@@ -23,7 +23,7 @@ USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirector
                     PermissionError)
 DISTRIBUTION = "otter-flamingo"
 # the commands that need more than the core, and the extra that installs what they need
-COMMAND_EXTRAS = {"train": "train", "eval": "eval"}
+COMMAND_EXTRAS = {"train": "train", "eval": "eval", "serve": "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     from otter.chat import register as register_chat
 
     register_chat(commands)
+    from otter.serve import register as register_serve
+
+    register_serve(commands)
     _add_debug_option(parser, top=True)
     return parser
 

@@ -48,3 +48,18 @@ def test_the_benchmark_script_runs_and_otter_matches_the_reference_with_less_act
     markdown = table.read_text()
     for heading in ("### Generation", "### Video", "### Few-shot evaluation", "### Training step"):
         assert heading in markdown
+
+
+def test_the_serving_load_generator_runs_bounded_and_reports_every_level(tmp_path):
+    pytest.importorskip("fastapi", reason="pip install 'otter-flamingo[serve]'")
+    figures, table = tmp_path / "serve.json", tmp_path / "serve.md"
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--concurrency", "1", "4", "--requests", "8",
+         "--max-tokens", "8", "--json", str(figures), "--out", str(table)],
+        capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = json.loads(figures.read_text())
+    assert [(row["clients"], row["requests"], row["errors"]) for row in rows] == [(1, 8, []), (4, 8, [])]
+    assert all(row["tokens_per_s"] > 0 and row["ttft_p50"] <= row["latency_p50"] for row in rows)
+    assert rows[0]["mean_batch"] == 1  # one client: one request at a time
+    assert "| 4 | 8 |" in table.read_text()

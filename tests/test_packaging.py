@@ -15,9 +15,9 @@ import otter
 from otter.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-# the import names of what the train and eval extras add to the core (pyproject.toml's optional-dependencies)
+# the import names of what the train, eval and serve extras add to the core (pyproject.toml's optional-dependencies)
 EXTRA_MODULES = ["webdataset", "braceexpand", "peft", "pyarrow", "tensorboard", "pycocoevalcap", "nltk", "inflection",
-                 "sklearn"]
+                 "sklearn", "fastapi", "uvicorn", "prometheus_client"]
 
 
 def test_the_version_is_the_installed_distributions():
@@ -95,10 +95,11 @@ def test_the_core_runs_the_demo_without_the_extras(tmp_path):
 
 
 @pytest.mark.parametrize("command, extra, missing", [
-    (["train", "finetune", "--model", "m", "--data", "d.jsonl"], "train", ["webdataset", "peft"]),
-    (["eval", "--model", "m", "--task", "coco", "--data-dir", "d"], "eval", ["pycocoevalcap"]),
+    (["train", "finetune", "--model", "m", "--data", "d.jsonl", "--out"], "train", ["webdataset", "peft"]),
+    (["eval", "--model", "m", "--task", "coco", "--data-dir", "d", "--out"], "eval", ["pycocoevalcap"]),
+    (["serve", "--model", "m", "--served-model-name"], "serve", ["fastapi", "uvicorn"]),
 ])
-def test_train_and_eval_name_a_missing_extra_before_they_start(tmp_path, monkeypatch, capsys, command, extra,
+def test_train_eval_and_serve_name_a_missing_extra_before_they_start(tmp_path, monkeypatch, capsys, command, extra,
                                                                missing):
     installed = importlib.metadata.version
 
@@ -110,7 +111,7 @@ def test_train_and_eval_name_a_missing_extra_before_they_start(tmp_path, monkeyp
     monkeypatch.setattr(importlib.metadata, "version", version)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
-        main([*command, "--out", str(out)])
+        main([*command, str(out)])
     assert exit_.value.code == 1
     error = capsys.readouterr().err
     assert f"needs Otter's {extra} extra" in error and f"pip install 'otter-flamingo[{extra}]'" in error
