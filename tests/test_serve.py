@@ -242,6 +242,35 @@ def test_every_bad_request_gets_a_named_4xx_and_the_server_keeps_serving(server,
     assert answer.choices[0].message.content == direct(shipped, template_chat(question), [image])
 
 
+def test_remote_images_are_fetched_only_when_allowed_with_a_size_cap(shipped, tmp_path):
+    import http.server
+    import functools
+
+    image, question = questions(1, seed=21)[0]
+    image.save(tmp_path / "shape.png")
+    (tmp_path / "big.bin").write_bytes(b"\0" * 300_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    server = Server(*shipped, allow_remote_images=True, remote_image_bytes=200_000, remote_image_timeout=5)
+    try:
+        def ask(url):
+            return httpx.post(server.url + "/v1/chat/completions", timeout=60, json={"temperature": 0, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": question}]}]})
+
+        answer = ask(base + "/shape.png")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == direct(shipped, template_chat(question), [image])
+        assert ask(base + "/big.bin").json()["error"]["code"] == "image_too_large"
+        missing = ask(base + "/missing.png")
+        assert missing.status_code == 400 and "could not be fetched" in missing.json()["error"]["message"]
+    finally:
+        server.close()
+        files.shutdown()
+
+
 # -- the queue, a client that leaves -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_server():
