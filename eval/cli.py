@@ -15,7 +15,7 @@ def run(args) -> None:
     from otter import OtterForConditionalGeneration, OtterProcessor
     from otter.chat import default_dtype
 
-    from .evaluator import Evaluation
+    from .evaluator import Evaluation, evaluation_processes
     from .tasks import get_task
 
     task = get_task(args.task)
@@ -32,7 +32,8 @@ def run(args) -> None:
         if not encoder.is_dir():
             raise ValueError(f"--rices-encoder {encoder} {'is not a folder' if encoder.exists() else 'does not exist'}; "
                              "expected a transformers CLIP folder")
-    device = _device(args.device)
+    processes = evaluation_processes()  # several when launched by `accelerate launch` or torchrun: each on its device
+    device = _device(args.device) if args.device is not None or processes.num_processes == 1 else processes.device
     # the data, the images the run shows and --out are checked before the model is loaded (minutes, on a large one)
     evaluation = Evaluation(
         task, data_dir=args.data_dir, out=args.out, shots=args.shots, trials=args.trials, seed=args.seed,
@@ -48,6 +49,8 @@ def run(args) -> None:
         rices_encoder = (CLIPVisionModelWithProjection.from_pretrained(args.rices_encoder, dtype=dtype).to(device),
                          CLIPImageProcessor.from_pretrained(args.rices_encoder))
     evaluation.run(model, processor, rices_encoder=rices_encoder)
+    if not processes.is_main_process:
+        return
     out = Path(args.out)
     print(out.with_suffix(".md").read_text(encoding="utf-8"), end="")
     print(f"\nresults: {out}  summary: {out.with_suffix('.md')}  per-sample log: {out.with_suffix('.samples.jsonl')}")

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from otter.processing_otter import load_image
@@ -319,18 +320,20 @@ def _check_log(path: Path, settings: dict, partial: bool = False) -> None:
         raise ValueError(f"{path} holds the results of another evaluation ({'; '.join(changed)}); {start_fresh}")
 
 
-def _read_records(path: Path) -> dict:
+def _read_records(path: Path, repair: bool = True) -> dict:
     """
     The records already in the log at `path` (its settings checked by `_check_log`), keyed by (shots, trial, sample
-    id). A partial last line, left by a run stopped while writing it, is dropped from the file.
+    id). A partial last line, left by a run stopped while writing it, is ignored, and with `repair` dropped from the
+    file.
     """
     if not path.exists():
         return {}
     content = path.read_bytes()
     if not content.endswith(b"\n") and content:
-        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
         content = content[: content.rfind(b"\n") + 1]  # nothing at all if it was the settings line
-        path.write_bytes(content)
+        if repair:
+            logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+            path.write_bytes(content)
     records = {}
     for number, line in enumerate(content.split(b"\n")[1:-1], 2):
         try:
@@ -373,6 +376,16 @@ def _check_images(sizes: Mapping[str, int | None], images: Iterable, what: str, 
 
 
 # -- the evaluation --------------------------------------------------------------------------------------------------
+def evaluation_processes() -> PartialState:
+    """
+    This process among those `accelerate launch` (or torchrun) started, or the only one. Without an accelerator (or
+    with ACCELERATE_USE_CPU set, as `accelerate launch --cpu` sets it) the processes meet over gloo on the CPU.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or torch.accelerator.current_accelerator() is None)
+
+
 class Evaluation:
     """
     An evaluation prepared and checked before any model is involved (what `otter eval` does before it loads the
@@ -487,7 +500,8 @@ class Evaluation:
             # a video task's frames, when given: otherwise the processor's, known once it is loaded (`run`)
             **(video_settings(num_frames) if num_frames is not None else {}),
         }))
-        _check_log(self.log_path, self.data_settings, partial=True)
+        for path in [self.log_path, *self.rank_logs()]:
+            _check_log(path, self.data_settings, partial=True)
         logger.info("%s: %d samples to evaluate, %d demonstrations to draw from, %d samples with their own",
                     task.name, len(test), len(benchmark.pool), own_demos)
         if rices:  # every image is embedded; the demonstrations follow from the embeddings, in `run`
@@ -495,6 +509,16 @@ class Evaluation:
                           "RICES embeds")
         else:
             _check_images(sizes, self._shown_images(), "this run shows", task.media)
+
+    def rank_logs(self) -> list[Path]:
+        """The per-sample logs of processes other than the main one (`<out>.samples.rank<N>.jsonl`), left by a
+        multi-process run until it merges them into the main log at its end (or by one that was interrupted)."""
+        pattern = self.log_path.name.removesuffix(".jsonl") + ".rank*.jsonl"
+        return sorted(path for path in self.log_path.parent.glob(pattern)
+                      if path.name.removeprefix(self.log_path.stem + ".rank").removesuffix(".jsonl").isdigit())
+
+    def _log_of(self, rank: int) -> Path:
+        return self.log_path if rank == 0 else self.log_path.with_suffix(f".rank{rank}.jsonl")
 
     def _plan(self, num_shots: int, trial: int, most_similar=None) -> list[list[Example]]:
         """The demonstrations of every evaluated sample in one pass: its own, RICES's or random ones."""
@@ -547,22 +571,31 @@ class Evaluation:
             **self.data_settings, **(video_settings(num_frames) if num_frames is not None else {}),
             "rices": embed.fingerprint if embed else False,
         }
-        _check_log(self.log_path, settings)
-        done = _read_records(self.log_path)
+        # one process, or N launched by accelerate / torchrun: each runs every N-th batch of a pass and logs its
+        # records to a log of its own; all of them read every log at the end of each pass
+        processes = evaluation_processes()
+        rank, world = processes.process_index, processes.num_processes
+        with processes.main_process_first():  # the main process repairs a log cut short before the others read it
+            for path in [self.log_path, *self.rank_logs()]:
+                _check_log(path, settings)
+            done = {key: record for path in [self.log_path, *self.rank_logs()]
+                    for key, record in _read_records(path).items()}
         out.parent.mkdir(parents=True, exist_ok=True)
         most_similar = None
         if embed:  # each sample's most similar pool examples, enough for the largest shot count, most similar last
-            most_similar = rices_demos(embed([example.image for example in test]),
-                                       embed([example.image for example in benchmark.pool]),
-                                       max(n or task.zero_shot_demos for n in self.shots), device=model.device)
+            with processes.main_process_first():  # computed once, by the main process; the others read its cache
+                most_similar = rices_demos(embed([example.image for example in test]),
+                                           embed([example.image for example in benchmark.pool]),
+                                           max(n or task.zero_shot_demos for n in self.shots), device=model.device)
 
         class_token_ids = None
         if task.ranks_classes and benchmark.class_names is not None:
             class_token_ids = _class_token_ids(processor, benchmark.class_names, task.prompt)
 
         results = []
-        fresh_log = not self.log_path.exists() or self.log_path.stat().st_size == 0
-        with (open(self.log_path, "a", encoding="utf-8") as log,
+        log_path = self._log_of(rank)
+        fresh_log = not log_path.exists() or log_path.stat().st_size == 0
+        with (open(log_path, "a", encoding="utf-8") as log,
               ImagePrefetcher(processor.image_processor, num_frames=num_frames) as prefetcher):
             if fresh_log:
                 log.write(json.dumps({"settings": settings}) + "\n")
@@ -572,15 +605,19 @@ class Evaluation:
                 for trial in range(self.trials):
                     demos = self._plan(num_shots, trial, most_similar)
                     todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
-                    prompts = {i: build_prompt(task, test[i], demos[i], num_shots) for i in todo}
+                    # the batches a single process would run, every world-th one here: the same batches, so the same
+                    # results, however many processes share them
+                    batches = [todo[start:start + self.batch_size]
+                               for start in range(0, len(todo), self.batch_size)][rank::world]
+                    prompts = {i: build_prompt(task, test[i], demos[i], num_shots) for batch in batches for i in batch}
                     # a video's latents are kept until its last use: each video is decoded once per pass
                     cache = ImageFeatureCache((image for _, images in prompts.values() for image in images),
                                               max_images=None if num_frames else 2048)
-                    batches = [todo[start:start + self.batch_size] for start in range(0, len(todo), self.batch_size)]
                     upcoming = None
                     # closed on an error too, so that the error's message starts a line of its own
                     with tqdm(total=len(test), initial=len(test) - len(todo), unit="sample",
-                              desc=f"{task.name} {num_shots}-shot trial {trial}") as progress:
+                              desc=f"{task.name} {num_shots}-shot trial {trial}",
+                              disable=not processes.is_main_process) as progress:
                         for position, indices in enumerate(batches):
                             # this batch's images were started on while the previous batch ran; start on the next
                             # one's, but for those this batch shows (it caches them when they are shown again) or the
@@ -598,7 +635,12 @@ class Evaluation:
                                 log.write(json.dumps(record) + "\n")
                                 done[(num_shots, trial, record["id"])] = record
                             log.flush()
-                            progress.update(len(indices))
+                            progress.update(len(indices) * world)
+                    if world > 1:  # every process's records of this pass, read by every process
+                        processes.wait_for_everyone()
+                        for other in range(world):
+                            if other != rank:
+                                done.update(_read_records(self._log_of(other), repair=False))
                     records = [done[(num_shots, trial, example.id)] for example in test]
                     score, per_sample = task.score(test, records)
                     trial_results.append({"seed": None if self.rices else self.seed + trial, "score": score,
@@ -613,13 +655,22 @@ class Evaluation:
                     results[-1]["groups"] = {group: statistics.fmean(trial["groups"][group] for trial in trial_results)
                                              for group in trial_results[0]["groups"]}
 
+            if world > 1:  # every process has read the others' logs
+                processes.wait_for_everyone()
+            if processes.is_main_process:  # one log again: the other processes' records join the main one
+                for path in self.rank_logs():
+                    log.writelines(json.dumps(record) + "\n" for record in _read_records(path, repair=False).values())
+                    log.flush()
+                    path.unlink()
+
         report = {"task": task.name, "metric": task.metric, "model": str(getattr(model, "name_or_path", "") or ""),
                   "data_dir": str(self.data_dir), "settings": settings, "results": results}
         if task.group_by is not None:
             report["group_by"] = task.group_by
-        with open(out, "w", encoding="utf-8") as file:
-            json.dump(report, file, indent=1)
-        out.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
+        if processes.is_main_process:
+            with open(out, "w", encoding="utf-8") as file:
+                json.dump(report, file, indent=1)
+            out.with_suffix(".md").write_text(markdown_summary(report), encoding="utf-8")
         return report
 
 
