@@ -22,6 +22,7 @@ import platform
 import re
 import shutil
 import statistics
+import socket
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ TRAINING_PROMPTS = {
     "long": dict(label="long instruction context", images=4, shot_tokens=126, query_tokens=127),
 }
 
-PARTS = ["generation", "video", "evaluation", "training", "conversion"]
+PARTS = ["generation", "video", "evaluation", "eval-processes", "training", "conversion"]
 GPU_PARTS = ["generation", "video", "evaluation", "training"]
 
 
@@ -705,6 +706,52 @@ def bench_evaluation(model, reference, spec, device, dtype, repeats, batch_size=
     return rows
 
 
+def bench_eval_processes(model, spec, dtype, tiny=False, shots=8, batch_size=8, seed=42, process_counts=(1, 2)):
+    """
+    Examples/s of `otter eval` (8-shot VQAv2 on the synthetic data set) run by `accelerate launch` with 1 and with 2
+    processes on the CPU (gloo), the machine's cores shared among the processes (torch threads: cores / processes):
+    the examples over the pass's time as the evaluator logs it (from its start to every process's records read;
+    loading and checks excluded), and the whole command's time. The predictions of every process count are compared.
+    """
+    cores = os.cpu_count() or 1
+    test_size = batch_size * (2 if tiny else 8)
+    size = spec["vision"]["image_size"]
+    image_size = (640, 480) if size >= 224 else (160, 120)
+    config = Path(__file__).resolve().parents[1] / "train" / "configs" / "ddp.yaml"
+    rows, scores = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, data_dir = Path(tmp) / "model", Path(tmp) / "vqav2"
+        model.save_pretrained(folder)
+        OtterProcessor(image_processor=clip_image_processor(size),
+                       tokenizer=eval_tokenizer(spec["text"]["vocab_size"])).save_pretrained(folder)
+        write_vqa(data_dir, 2048, test_size, shots, seed, 2048, image_size)
+        for processes in process_counts:
+            out = Path(tmp) / f"p{processes}" / "vqav2.json"
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                       "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(port),
+                       "-m", "otter.cli", "eval", "--model", str(folder), "--task", "vqav2", "--data-dir",
+                       str(data_dir), "--out", str(out), "--shots", str(shots), "--batch-size", str(batch_size),
+                       "--seed", str(seed), "--device", "cpu", "--dtype", str(dtype).removeprefix("torch.")]
+            threads = str(max(1, cores // processes))
+            env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                   "TOKENIZERS_PARALLELISM": "false"}
+            start = time.perf_counter()
+            run = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=3600)
+            command_s = time.perf_counter() - start
+            evaluated = re.search(r"(\d+) samples evaluated in ([\d.]+) s", run.stderr)
+            trial = json.loads(out.read_text())["results"][0]["trials"][0]
+            scores[processes] = [(p["id"], p["output"]) for p in trial["predictions"]]
+            rows.append({"processes": processes, "threads": int(threads), "examples": test_size,
+                         "command_s": command_s, "pass_s": float(evaluated[2]),
+                         "examples_s": test_size / float(evaluated[2]), "score": trial["score"]})
+    for row in rows:
+        row["same_predictions"] = sum(a == b for a, b in zip(scores[row["processes"]], scores[process_counts[0]]))
+    return rows
+
+
 def _peak_rss_reset():
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM (the peak resident set) to the current RSS
@@ -909,6 +956,20 @@ def report(results, device, spec):
                   "weights (KV cache reads left out).", ""]
     if "video" in results:
         lines += video_report(results["video"])
+    if "eval-processes" in results:
+        rows = results["eval-processes"]
+        first = rows[0]
+        lines += [f"### Few-shot evaluation on several processes (`accelerate launch -m otter.cli eval`, 8-shot VQAv2, "
+                  f"{first['examples']} synthetic examples, CPU, gloo)", "",
+                  "| processes | torch threads each | examples/s | vs 1 process | the pass | whole command "
+                  "| same predictions |", "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            lines.append(f"| {row['processes']} | {row['threads']} | {row['examples_s']:.2f} | "
+                         f"{row['examples_s'] / first['examples_s']:.2f}x | {row['pass_s']:.1f} s | "
+                         f"{row['command_s']:.1f} s | {row['same_predictions']} of {row['examples']} |")
+        lines += ["", "Examples/s: the examples over the pass's time as the evaluator logs it (from its start until "
+                  "every process has read the others' records); the whole command adds starting the processes, "
+                  "loading the model and the checks.", ""]
     if "evaluation" in results:
         first = results["evaluation"][0]
         lines += [f"### Few-shot evaluation ({first['shots']}-shot VQAv2, OpenFlamingo's protocol: 3 beams, 5 new "
@@ -1007,6 +1068,7 @@ def main():
 
     parts = {"generation": generation, "evaluation": evaluation, "conversion": conversion,
              "video": lambda: bench_video(args.device, dtype, args.repeats, args.tiny),
+             "eval-processes": lambda: bench_eval_processes(build(spec, "cpu", dtype)[0], spec, dtype, args.tiny),
              "training": lambda: bench_training(args.device, dtype, args.repeats, args.tiny,
                                                 rows=results.setdefault("training", []))}
     failed = []

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import statistics
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -604,6 +605,7 @@ class Evaluation:
                 trial_results = []
                 for trial in range(self.trials):
                     demos = self._plan(num_shots, trial, most_similar)
+                    started = time.perf_counter()
                     todo = [i for i, example in enumerate(test) if (num_shots, trial, example.id) not in done]
                     # the batches a single process would run, every world-th one here: the same batches, so the same
                     # results, however many processes share them
@@ -647,7 +649,8 @@ class Evaluation:
                                           "predictions": [{**r, **extra} for r, extra in zip(records, per_sample)]})
                     if task.group_by is not None:
                         trial_results[-1]["groups"] = _group_scores(task, test, records)
-                    logger.info("%s %d-shot trial %d: %s %.2f", task.name, num_shots, trial, task.metric, score)
+                    logger.info("%s %d-shot trial %d: %s %.2f (%d samples evaluated in %.2f s)", task.name, num_shots,
+                                trial, task.metric, score, len(todo), time.perf_counter() - started)
                 scores = [trial["score"] for trial in trial_results]
                 results.append({"shots": num_shots, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
                                 "trials": trial_results})

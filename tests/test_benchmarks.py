@@ -20,7 +20,7 @@ def test_the_benchmark_script_runs_and_otter_matches_the_reference_with_less_act
     figures, table = tmp_path / "figures.json", tmp_path / "table.md"
     finished = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny", "--repeats", "1",
-         "--parts", "generation", "video", "evaluation", "training", "--json", str(figures), "--out", str(table)],
+         "--parts", "generation", "video", "evaluation", "eval-processes", "training", "--json", str(figures), "--out", str(table)],
         capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads(figures.read_text())
@@ -32,6 +32,10 @@ def test_the_benchmark_script_runs_and_otter_matches_the_reference_with_less_act
     for row in results["evaluation"]:  # every prediction equal to OpenFlamingo's evaluation loop's
         assert row["same_predictions"] == row["examples"] == 16
         assert row["otter"]["score"] == row["reference"]["score"]
+
+    # otter eval on 1 and 2 processes (accelerate launch, gloo): the same predictions, timed
+    assert [(row["processes"], row["same_predictions"]) for row in results["eval-processes"]] == [(1, 16), (2, 16)]
+    assert all(0 < row["pass_s"] < row["command_s"] for row in results["eval-processes"])
 
     assert [(row["prompt"], row["otter"]["tokens"]) for row in results["training"]] == [
         ("short", 59), ("mmc4", 256), ("long", 512)]
@@ -46,7 +50,8 @@ def test_the_benchmark_script_runs_and_otter_matches_the_reference_with_less_act
     assert all(video[which]["decode_tok_s"] > 0 and video[which]["ttft_s"] > 0 for which in ("otter", "otter-project"))
 
     markdown = table.read_text()
-    for heading in ("### Generation", "### Video", "### Few-shot evaluation", "### Training step"):
+    for heading in ("### Generation", "### Video", "### Few-shot evaluation", "### Few-shot evaluation on several",
+                    "### Training step"):
         assert heading in markdown
 
 
