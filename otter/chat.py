@@ -102,23 +102,256 @@ def default_dtype(device) -> str:
     return "float32"
 
 
-def load_model(path: str, device: str | None, dtype: str | None = None):
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+QUANTIZATIONS = ("8bit", "4bit")
+BITSANDBYTES_MIN_VERSION = "0.46.1"  # transformers' own minimum
+
+
+def parse_device_map(value: str | dict | None):
     """
-    An Otter folder -> (model in eval mode on `device` in `dtype`, processor); SystemExit naming a bad folder.
-    `device` None: cuda when available, else cpu; `dtype` None: `default_dtype(device)`.
+    `--device-map`: a strategy (auto, balanced, balanced_low_0, sequential: accelerate's, which fill the GPUs, then
+    the CPU, then `offload_folder`), a JSON object of module names to devices (`{"vision_model": 0,
+    "language_model": 1}`; 0, "cuda:1", "cpu", "disk"), or a JSON file holding one; a dict is returned as it is.
+    A ValueError names a bad value.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    if value is None or isinstance(value, dict) or value in DEVICE_MAP_STRATEGIES:
+        return value
+    text = value.strip()
+    if not text.startswith("{"):
+        if not Path(value).is_file():
+            raise ValueError(f"--device-map {value!r} is not one of {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object "
+                             "of module names to devices, or a JSON file holding one")
+        text = Path(value).read_text(encoding="utf-8")
+    try:
+        device_map = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--device-map {value!r} is not valid JSON ({error})") from None
+    if not isinstance(device_map, dict) or not device_map or not all(
+            isinstance(name, str) and isinstance(device, (int, str)) and not isinstance(device, bool)
+            for name, device in device_map.items()):
+        raise ValueError(f"--device-map {value!r}: expected a JSON object of module names to devices (0, \"cuda:1\", "
+                         "\"cpu\", \"disk\")")
+    for name, placed in device_map.items():
+        if isinstance(placed, str) and placed != "disk":
+            try:
+                torch.device(placed)
+            except RuntimeError:
+                raise ValueError(f"--device-map: {name!r} goes to {placed!r}, which is not a device (expected e.g. 0, "
+                                 "\"cuda:1\", \"cpu\", \"disk\")") from None
+    return device_map
+
+
+def _main_device(device, device_map):
+    """The device whose dtype default applies: `device`, or the first accelerator a device map uses (else cpu)."""
+    import torch
+
+    if device_map is None:
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(device_map, str):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for placed in device_map.values():
+        if placed not in ("cpu", "disk"):
+            return torch.device(placed)
+    return torch.device("cpu")
+
+
+def quantization_config(quantization: str, dtype):
+    """
+    `quantization` ("8bit" or "4bit") -> transformers' `BitsAndBytesConfig` quantizing only the language model's
+    linear layers: the vision tower, the perceiver, the gated cross-attention blocks and the output embeddings keep
+    `dtype` (what transformers also does for the output embeddings). A ValueError names what is missing: the
+    bitsandbytes package, or a version of it too old for transformers.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATIONS}")
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise ValueError(f"--load-in-{quantization} needs bitsandbytes, which is not installed: pip install "
+                         "'otter-flamingo[quantization]' (or bitsandbytes)") from None
+    if Version(installed) < Version(BITSANDBYTES_MIN_VERSION):
+        raise ValueError(f"--load-in-{quantization} needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION}; {installed} is "
+                         "installed: pip install -U bitsandbytes")
+    # module-name patterns transformers leaves unquantized: a prefix, or a regex from the start of the name
+    skip = ["vision_model", "perceiver", r".*\.gated_cross_attn_layer", "language_model.lm_head",
+            "language_model.embed_out"]  # the output embeddings: MPT's and LLaMA's, GPT-NeoX's
+    if quantization == "8bit":
+        _log_once("bitsandbytes.autograd._functions")  # it warns of its float16 cast on every 8-bit matmul
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
+
+
+class _FirstTimeOnly:
+    """A logging filter that lets each message through once."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _log_once(logger_name: str) -> None:
+    """Each message of the logger `logger_name` is shown once per process, not on every call."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(existing, _FirstTimeOnly) for existing in logger.filters):
+        logger.addFilter(_FirstTimeOnly())
+
+
+def _check_bitsandbytes_backend(quantization: str, devices) -> None:
+    """A ValueError when bitsandbytes has no backend for a device the quantized model would run on."""
+    try:
+        import bitsandbytes
+    except (ImportError, OSError, RuntimeError) as error:  # e.g. its native library fails to load
+        raise ValueError(f"--load-in-{quantization}: bitsandbytes is installed but cannot be imported ({error})") \
+            from None
+    supported = set(getattr(bitsandbytes, "supported_torch_devices", ()))
+    missing = sorted({device.type for device in devices} - supported)
+    if missing:
+        raise ValueError(f"--load-in-{quantization}: bitsandbytes {bitsandbytes.__version__} has no backend for "
+                         f"{', '.join(missing)} (it supports {', '.join(sorted(supported)) or 'no device here'}); "
+                         "load without quantization, or on a device it supports")
+
+
+def load_otter(path, device: str | None = None, dtype: str | None = None, device_map: str | dict | None = None,
+               quantization: str | None = None, offload_folder: str | None = None):
+    """
+    An Otter folder -> `OtterForConditionalGeneration` in eval mode, placed as the command line asks; what
+    `otter generate`, `chat`, `serve`, `demo` and `eval` load models with. A ValueError names a bad option.
+
+    - `device` (e.g. "cuda:1"): the whole model on one device; None: cuda when available, else cpu.
+    - `device_map`: the model spread over several devices instead (`parse_device_map`: "auto" fills every GPU in
+      turn, then the CPU, then `offload_folder`); not with `device`. Inputs then go to `input_device(model)`.
+    - `dtype` ("float32", "bfloat16", "float16"): None is `default_dtype` of the device (of the first GPU of a map).
+    - `quantization` ("8bit", "4bit"): the language model's linear layers in 8 or 4 bits through bitsandbytes
+      (`quantization_config`), on `device` (or the map); a ValueError when bitsandbytes is not installed or has
+      no backend for the device.
     """
     import torch
 
-    from otter import OtterForConditionalGeneration, OtterProcessor
+    from otter import OtterForConditionalGeneration
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype or default_dtype(device))
+    if device is not None and device_map is not None:
+        raise ValueError("--device and --device-map cannot be used together: --device puts the whole model on one "
+                         "device, --device-map spreads it over several (auto: every GPU, then the CPU)")
+    device_map = parse_device_map(device_map)
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; expected e.g. cpu, cuda or cuda:1") from None
+    main_device = _main_device(device, device_map)
+    dtype_name = dtype or default_dtype(main_device)
+    if dtype_name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype_name!r}; expected one of {DTYPES}")
+    torch_dtype = getattr(torch, dtype_name)
+    kwargs = {"dtype": torch_dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
+        if device_map is None:  # a quantized model cannot be moved after loading: it is placed while it loads
+            device_map = {"": str(main_device)}
+        devices = ([torch.device(placed) for placed in device_map.values() if placed != "disk"]
+                   if isinstance(device_map, dict) else [main_device])
+        _check_bitsandbytes_backend(quantization, devices)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if offload_folder is not None:
+            kwargs["offload_folder"] = offload_folder
+    elif offload_folder is not None:
+        raise ValueError("--offload-folder holds what --device-map offloads to disk; add --device-map")
+    model = OtterForConditionalGeneration.from_pretrained(path, **kwargs)
+    if device_map is None:
+        model = model.to(main_device)
+    elif len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        _gather_media_key_values(model)
+    return model.eval()
+
+
+def _gather_media_key_values(model) -> None:
+    """
+    Spread over devices, each cross-attention block computes its media keys/values on its own device (accelerate moves
+    the latents there); `generate()` stacks them, once per call, so they are sent back to where the latents are. Each
+    decoder layer then moves its block's keys/values to its own device (`OtterDecoderLayer.forward`).
+    """
+    def back_to_input_device(module, args, output):
+        return output.to(args[0].device)
+
+    for block in model.cross_attention_blocks():
+        block.attn.to_kv.register_forward_hook(back_to_input_device)
+
+
+def input_device(model):
+    """
+    The device a model's inputs go to: where its input embeddings run. The same as `model.device` on one device; with
+    a device map, the language model's first device (an offloaded embedding runs on its hook's execution device).
+    """
+    import torch
+
+    embeddings = model.get_input_embeddings()
+    execution_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if execution_device is not None:
+        return torch.device(execution_device)
+    return embeddings.weight.device
+
+
+def load_model(path: str, device: str | None, dtype: str | None = None, device_map: str | dict | None = None,
+               quantization: str | None = None, offload_folder: str | None = None):
+    """
+    An Otter folder -> (model in eval mode, processor), placed as `load_otter` does; SystemExit naming a bad folder
+    or option.
+    """
+    from otter import OtterProcessor
+
     try:
-        model = OtterForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = load_otter(path, device, dtype, device_map=device_map, quantization=quantization,
+                           offload_folder=offload_folder)
         processor = OtterProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise SystemExit(f"otter: {error}") from None
     return model, processor
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """
+    `--device-map`, `--offload-folder`, `--load-in-8bit` / `--load-in-4bit` (dest `quantization`): how a big model is
+    placed, for a command whose parser has `--device` and `--dtype`. Pass `placement_kwargs(args)` to `load_model`.
+    """
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread the model over several devices (not with --device): auto (every GPU in turn, "
+                             "then the CPU, then --offload-folder), balanced, balanced_low_0, sequential, or a JSON "
+                             "object (or file) of module names to devices, e.g. '{\"vision_model\": 0, "
+                             "\"perceiver\": 0, \"language_model\": 1}'")
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="where --device-map puts the weights it offloads to disk")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="8bit",
+                              help="the language model's linear layers in 8 bits (bitsandbytes' LLM.int8); the "
+                                   "vision tower, perceiver and cross-attention stay in --dtype")
+    quantization.add_argument("--load-in-4bit", dest="quantization", action="store_const", const="4bit",
+                              help="the language model's linear layers in 4 bits (bitsandbytes' NF4), computing in "
+                                   "--dtype; the vision tower, perceiver and cross-attention stay in --dtype")
+
+
+def placement_kwargs(args) -> dict:
+    """The `load_model` / `load_otter` keywords of `add_placement_options`' options."""
+    return {"device_map": args.device_map, "quantization": args.quantization, "offload_folder": args.offload_folder}
 
 
 def read_image(path: str):
@@ -172,9 +405,9 @@ def answer(model, processor, prompt: str, images: list, **kwargs) -> str:
 
     videos = [medium.frames for medium in images if isinstance(medium, Video)]
     images = [medium for medium in images if not isinstance(medium, Video)]
-    inputs = processor(text=[prompt], images=[images], videos=[videos]).to(model.device)
+    inputs = processor(text=[prompt], images=[images], videos=[videos]).to(input_device(model))
     if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.vision_model.dtype)
     with torch.no_grad():
         sequences = model.generate(**inputs, **kwargs)
     return processor.decode_answers(sequences, inputs["input_ids"].shape[1])[0]
@@ -201,7 +434,7 @@ def run_generate(args) -> None:
     for kind, path in args.media:  # before the model loads
         if not Path(path).is_file():
             raise SystemExit(f"otter: {kind} {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
-    model, processor = load_model(args.model, args.device, args.dtype)
+    model, processor = load_model(args.model, args.device, args.dtype, **placement_kwargs(args))
     try:
         images = [read_media(kind, path, processor) for kind, path in args.media]
         prompt = single_prompt(args.prompt, images, args.format, _has_answer_token(processor))
@@ -217,7 +450,7 @@ def run_chat(args) -> None:
     from .prompts import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, VIDEO_TOKEN
 
     kwargs = generation_kwargs(args)
-    model, processor = load_model(args.model, args.device, args.dtype)
+    model, processor = load_model(args.model, args.device, args.dtype, **placement_kwargs(args))
     prompt_format = args.format or ("chat" if _has_answer_token(processor) else "raw")
     template = chat_template(prompt_format)
     limit = max_positions(model.config.text_config)
@@ -292,6 +525,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
+    add_placement_options(parser)
 
 
 def register(commands) -> None:

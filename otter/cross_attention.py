@@ -117,6 +117,8 @@ class OtterDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, *args, otter_media: CrossAttentionMedia | None = None, **kwargs):
         if self.gated_cross_attn_layer is not None:
-            media = () if otter_media is None else otter_media.for_block(self.block_index)
+            # with a device map, layers sit on different devices: the media come to this one (no-op on one device)
+            media = () if otter_media is None else tuple(
+                tensor.to(hidden_states.device) for tensor in otter_media.for_block(self.block_index))
             hidden_states = self.gated_cross_attn_layer(hidden_states, *media)
         return self.decoder_layer(hidden_states, *args, **kwargs)

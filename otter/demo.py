@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import DTYPE_HELP, DTYPES
+from .chat import DTYPE_HELP, DTYPES, add_placement_options
 from .shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
 
 
@@ -110,13 +110,13 @@ img {{ width: 64px; height: 64px; margin: 2px; border: 1px solid #ddd; image-ren
 
 def main(args) -> None:
     from . import SHAPESWORLD_MODEL
-    from .chat import load_model
+    from .chat import load_model, placement_kwargs
 
     if args.episodes < 1 or args.shots < 1:
         raise SystemExit(f"otter: --episodes and --shots must be at least 1, got {args.episodes} and {args.shots}")
     start = time.perf_counter()
     model_path = args.model or str(SHAPESWORLD_MODEL)
-    model, processor = load_model(model_path, args.device, args.dtype)
+    model, processor = load_model(model_path, args.device, args.dtype, **placement_kwargs(args))
     print(f"otter demo: {model_path} ({sum(p.numel() for p in model.parameters()):,} parameters), few-shot "
           f"prompting on freshly rendered ShapesWorld episodes (seed {args.seed})\n")
     todo = episodes(args.seed, args.episodes, args.shots)
@@ -156,4 +156,5 @@ def register(commands) -> None:
     parser.add_argument("--out", default="otter-demo.html", help="the HTML page to write")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
+    add_placement_options(parser)
     parser.set_defaults(func=main)

@@ -7,7 +7,7 @@ import argparse
 
 
 def register(commands) -> None:
-    from otter.chat import DTYPE_HELP, DTYPES
+    from otter.chat import DTYPE_HELP, DTYPES, add_placement_options
 
     parser = commands.add_parser(
         "serve", help="an OpenAI-compatible server (chat and completions, streaming, batching) with a chat page",
@@ -21,6 +21,7 @@ def register(commands) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_placement_options(parser)
     parser.add_argument("--max-batch-size", type=int, default=16, help="sequences per generate() call")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests waiting for the model; more are answered 503 with Retry-After")
@@ -48,7 +49,7 @@ def run(args) -> None:
 
     import uvicorn
 
-    from otter.chat import load_model
+    from otter.chat import load_model, placement_kwargs
 
     from .app import ServeOptions, create_app
 
@@ -57,7 +58,7 @@ def run(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1-65535, got {args.port}")
-    model, processor = load_model(args.model, args.device, args.dtype)
+    model, processor = load_model(args.model, args.device, args.dtype, **placement_kwargs(args))
     options = ServeOptions(
         model_name=args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key or os.environ.get("OTTER_API_KEY") or None,
