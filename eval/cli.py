@@ -9,11 +9,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 def run(args) -> None:
     import dataclasses
 
-    import torch
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from otter import OtterForConditionalGeneration, OtterProcessor
-    from otter.chat import default_dtype
+    from otter import OtterProcessor
+    from otter.chat import load_otter, placement_kwargs
 
     from .evaluator import Evaluation, evaluation_processes
     from .tasks import get_task
@@ -33,21 +32,31 @@ def run(args) -> None:
             raise ValueError(f"--rices-encoder {encoder} {'is not a folder' if encoder.exists() else 'does not exist'}; "
                              "expected a transformers CLIP folder")
     processes = evaluation_processes()  # several when launched by `accelerate launch` or torchrun: each on its device
-    device = _device(args.device) if args.device is not None or processes.num_processes == 1 else processes.device
+    placement = placement_kwargs(args)
+    if placement["device_map"] is not None:
+        if processes.num_processes > 1:
+            raise ValueError("--device-map spreads one model over the devices; with several processes each loads the "
+                             "model on a device of its own: leave --device-map out")
+        if args.device is not None:
+            raise ValueError("--device and --device-map cannot be used together: --device puts the whole model on "
+                             "one device, --device-map spreads it over several (auto: every GPU, then the CPU)")
+        device = None
+    else:
+        device = _device(args.device) if args.device is not None or processes.num_processes == 1 else processes.device
     # the data, the images the run shows and --out are checked before the model is loaded (minutes, on a large one)
     evaluation = Evaluation(
         task, data_dir=args.data_dir, out=args.out, shots=args.shots, trials=args.trials, seed=args.seed,
         rices=args.rices, rices_cache=args.rices_cache, batch_size=args.batch_size, num_samples=args.num_samples,
         query_set_size=args.query_set_size, num_frames=args.num_frames,
     )
-    dtype = getattr(torch, args.dtype or default_dtype(device))
     model_dir = Path(args.model).resolve()  # recorded in the results; resuming checks the weights themselves
-    model = OtterForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = load_otter(model_dir, None if device is None else str(device), args.dtype, **placement)
     processor = OtterProcessor.from_pretrained(model_dir)
     rices_encoder = None
     if args.rices_encoder is not None:
-        rices_encoder = (CLIPVisionModelWithProjection.from_pretrained(args.rices_encoder, dtype=dtype).to(device),
-                         CLIPImageProcessor.from_pretrained(args.rices_encoder))
+        dtype = model.vision_model.dtype
+        rices_encoder = (CLIPVisionModelWithProjection.from_pretrained(args.rices_encoder, dtype=dtype)
+                         .to(model.vision_model.device), CLIPImageProcessor.from_pretrained(args.rices_encoder))
     evaluation.run(model, processor, rices_encoder=rices_encoder)
     if not processes.is_main_process:
         return
@@ -104,4 +113,7 @@ def register(commands) -> None:
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="the dtype the weights are cast to on load; unset, what runs well on the device: "
                              "float32 on a CPU, bfloat16 on a CUDA GPU (float16 on one without bfloat16)")
+    from otter.chat import add_placement_options
+
+    add_placement_options(parser)  # --device-map, --offload-folder, --load-in-8bit / --load-in-4bit
     parser.set_defaults(func=run)

@@ -20,6 +20,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from otter.chat import input_device
 from otter.processing_otter import load_image
 from otter.prompts import IMAGE_TOKEN, VIDEO_TOKEN, PromptTemplate, with_images
 from otter.video import read_video
@@ -171,8 +172,8 @@ def encode_batch(model, processor, texts: list[str], images: list[list],
     position = {key: index for index, key in enumerate(unique)}
     index = torch.tensor([[position[key] for key in sample_keys] for sample_keys in keys], device=features.device)
     return {
-        "input_ids": batch["input_ids"].to(model.device),
-        "attention_mask": batch["attention_mask"].to(model.device),
+        "input_ids": batch["input_ids"].to(input_device(model)),
+        "attention_mask": batch["attention_mask"].to(input_device(model)),
         "media_key_values": model.get_media_key_values(features[index]),  # features[index]: (B, media, latents, dim)
     }
 

@@ -279,22 +279,7 @@ def load_otter(path, device: str | None = None, dtype: str | None = None, device
     model = OtterForConditionalGeneration.from_pretrained(path, **kwargs)
     if device_map is None:
         model = model.to(main_device)
-    elif len(set(getattr(model, "hf_device_map", {}).values())) > 1:
-        _gather_media_key_values(model)
     return model.eval()
-
-
-def _gather_media_key_values(model) -> None:
-    """
-    Spread over devices, each cross-attention block computes its media keys/values on its own device (accelerate moves
-    the latents there); `generate()` stacks them, once per call, so they are sent back to where the latents are. Each
-    decoder layer then moves its block's keys/values to its own device (`OtterDecoderLayer.forward`).
-    """
-    def back_to_input_device(module, args, output):
-        return output.to(args[0].device)
-
-    for block in model.cross_attention_blocks():
-        block.attn.to_kv.register_forward_hook(back_to_input_device)
 
 
 def input_device(model):

@@ -348,8 +348,13 @@ class OtterModel(OtterPreTrainedModel):
         return torch.stack(self._media_key_values_per_block(image_features), 1)
 
     def _media_key_values_per_block(self, image_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """As `get_media_key_values`, one `(batch, media * num_latents, 2 * heads * dim_head)` tensor per block."""
-        return tuple(block.attn.media_key_values(image_features) for block in self.cross_attention_blocks())
+        """
+        As `get_media_key_values`, one `(batch, media * num_latents, 2 * heads * dim_head)` tensor per block, each on
+        the device of `image_features` (a model spread over devices by a device map computes each on its block's
+        device; each decoder layer takes its own to its device when it runs).
+        """
+        return tuple(block.attn.media_key_values(image_features).to(image_features.device)
+                     for block in self.cross_attention_blocks())
 
     def media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1-based index of the latest `<image>` at or before each token, 0 before the first: `(batch, text_len)`."""

@@ -112,3 +112,16 @@ def test_rices_on_two_processes_is_computed_once_and_equals_one_process(setup, c
     # the main process embeds the evaluated and the pool images once each; the other reads them from the cache
     assert run.stderr.count("image embeddings cached in") == 2, run.stderr[-3000:]
     assert run.stderr.count("cached image embeddings from") == 2
+
+
+def test_eval_places_the_model_with_a_device_map_and_refuses_it_with_device(setup, capsys):
+    root, data = setup
+    plain, mapped = root / "plain" / "vqav2.json", root / "mapped" / "vqav2.json"
+    main(["eval", *arguments(root, data, plain, "--shots", "2", "--trials", "1")])
+    without_device = [item for item in arguments(root, data, mapped, "--shots", "2", "--trials", "1")
+                      if item not in ("--device", "cpu")]
+    main(["eval", *without_device, "--device-map", "auto"])
+    assert predictions(json.loads(mapped.read_text())) == predictions(json.loads(plain.read_text()))
+    with pytest.raises(SystemExit):
+        main(["eval", *arguments(root, data, root / "both" / "vqav2.json", "--shots", "0"), "--device-map", "auto"])
+    assert "--device and --device-map cannot be used together" in capsys.readouterr().err
