@@ -3,6 +3,10 @@
 import base64
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import webdataset as wds
@@ -11,6 +15,7 @@ from PIL import Image
 from otter.tiny import build_tiny_otter
 from otter.train.trainer import TrainingConfig
 
+REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 200, 20)}
 QUESTION = "What colour is the image?"
 
@@ -44,6 +49,20 @@ def write_jsonl(folder: Path, with_context: bool = True) -> Path:
         lines.append(json.dumps(record))
     path = folder / "colours.jsonl"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_mixed_jsonl(folder: Path) -> Path:
+    """
+    `write_jsonl`'s four examples, but green's is text only ("Say hello." -> "Hello!") and yellow's image cannot be
+    read, which skips yellow's example and blue's (yellow is its demo). Dealt one example per process per micro-batch,
+    a micro-batch with images meets one with text only, or one with nothing left to train on, on the other process.
+    """
+    path = write_jsonl(folder)
+    lines = path.read_text().splitlines()
+    lines[1] = json.dumps({"instruction": "Say hello.", "answer": "Hello!"})
+    path.write_text("\n".join(lines) + "\n")
+    (folder / "images" / "yellow.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     return path
 
 
@@ -133,3 +152,39 @@ def quick_config(model: Path, data, out: Path, **overrides) -> TrainingConfig:
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(launch_config: Path, entry_module: str, model: Path, data: Path, out: Path, *options: str,
+                         env: dict | None = None) -> subprocess.CompletedProcess:
+    """
+    `otter train finetune` on two processes of `accelerate launch --config_file launch_config`, one example per process
+    per micro-batch, each process running `python -m entry_module train finetune ...` from the repository root;
+    `env`: more environment variables.
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        "-m", entry_module, "train", "finetune", "--model", str(model), "--data", str(data), "--out", str(out),
+        "--batch-size", "1", "--schedule", "constant", "--num-workers", "0", "--seed", "42", *options,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def weight_differences(first: Path, second: Path) -> dict[str, float]:
+    """The largest absolute difference of each tensor of two trained folders' `model.safetensors` (same names)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(first) / "model.safetensors"), load_file(Path(second) / "model.safetensors")
+    assert a.keys() == b.keys(), (sorted(a.keys() - b.keys())[:5], sorted(b.keys() - a.keys())[:5])
+    return {name: (a[name] - b[name]).abs().max().item() for name in a}
+
+
+def largest(differences: dict[str, float], count: int = 3) -> list[tuple[str, float]]:
+    return sorted(differences.items(), key=lambda item: -item[1])[:count]

@@ -728,19 +728,87 @@ def _total_steps(config: TrainingConfig, batches_per_epoch: int | None) -> int:
     return min(steps)
 
 
+def _shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether each process holds a shard of the parameters only (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _same_modules_everywhere(accelerator: Accelerator) -> bool:
+    """
+    Whether every process must run the same modules in each micro-batch. FSDP gathers a shard unit's parameters
+    from all processes in its forward, ZeRO-3 a module's; every ZeRO stage reduces the gradients in buckets filled as
+    the parameters get theirs, so a parameter without a gradient on one process (the perceiver's, after a micro-batch
+    without images) shifts the buckets after it. DDP (`find_unused_parameters`) accounts for unused parameters.
+    """
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def _configure_backend(accelerator: Accelerator, config: TrainingConfig) -> None:
-    sharded = accelerator.distributed_type == DistributedType.FSDP
+    asked = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(variable, "false").lower() == "true"]
+    if asked and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) \
+            and accelerator.is_main_process:
+        logger.warning("the launch configuration asks for %s, but accelerate runs %s: it runs FSDP and DeepSpeed on "
+                       "accelerators only, not on the CPU (use_cpu, ACCELERATE_USE_CPU); every process holds the "
+                       "whole model", asked[0], accelerator.distributed_type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
-        sharded = plugin.zero_stage == 3
         # the DataLoaders are ours, not accelerate's: tell DeepSpeed the micro-batch and the clipping
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
-    if sharded and (config.lora or config.train_embeddings):
+    if _shards_parameters(accelerator) and (config.lora or config.train_embeddings):
         raise ValueError(
             "lora and train_embeddings need whole parameters on each process (DDP or DeepSpeed ZeRO-1/2); "
             "this launch shards them (FSDP or ZeRO-3)"
         )
+
+
+def _check_sharded_model(model_config: OtterConfig) -> None:
+    """
+    Under FSDP and ZeRO-3 every process must run the same modules, as many times, in each micro-batch: each forward
+    gathers the module's parameters from all processes. With `vision_chunk_size`, the vision tower runs once per
+    chunk, and processes whose micro-batches hold different numbers of frames would run it a different number of times.
+    """
+    if model_config.vision_chunk_size is not None:
+        raise ValueError(
+            f"the model encodes images vision_chunk_size={model_config.vision_chunk_size} at a time; under FSDP or "
+            "ZeRO-3 every process must run the vision tower as many times per micro-batch: set vision_chunk_size to "
+            "null in the model's config.json to train it sharded (it is an inference setting), or use DDP or ZeRO-2"
+        )
+
+
+def _unread_images(rows: int, image_shape: tuple[int, int, int], device) -> torch.Tensor:
+    """
+    `pixel_values` `(rows, 1, 1, C, H, W)` of black images for a micro-batch without images, which no token reads
+    (there is no `<image>` marker: the cross-attention output is multiplied by 0, so the loss and the gradients are
+    those of the text alone). Under FSDP and DeepSpeed, a process whose micro-batch holds no image runs the vision
+    tower, the perceiver and the cross-attention on them when another process's micro-batch holds images, as every
+    process must run the same modules (`_same_modules_everywhere`).
+    """
+    return torch.zeros(rows, 1, 1, *image_shape, device=device)
+
+
+def _gather_for_media_key_values(accelerator: Accelerator, model) -> None:
+    """
+    FSDP gathers a shard unit's parameters around its `forward` only, but the model computes each cross-attention
+    block's media keys and values (`MaskedCrossAttention.media_key_values`, its `to_kv`) once per call, before the
+    language model runs, not in a forward of the block: under FSDP2 each `MaskedCrossAttention` is a shard unit of
+    its own (`fsdp_transformer_layer_cls_to_wrap` in train/configs/fsdp.yaml), and that method is registered as one
+    of its forward methods, so that it gathers `to_kv` (and, in the backward, reduces its gradient) as a forward does.
+    """
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    attention = [block.attn for block in model.cross_attention_blocks()]
+    if not accelerator.is_fsdp2 or not all(isinstance(module, FSDPModule) for module in attention):
+        raise ValueError(
+            "under FSDP, each MaskedCrossAttention must be a shard unit of FSDP2 (fsdp_version: 2 and "
+            "MaskedCrossAttention in fsdp_transformer_layer_cls_to_wrap, as train/configs/fsdp.yaml has them): the "
+            "model computes the media keys and values outside the blocks' forward"
+        )
+    for module in attention:
+        register_fsdp_forward_method(module, "media_key_values")
 
 
 def _check_video_frames(config: TrainingConfig, model_config: OtterConfig, data) -> None:
@@ -823,10 +891,17 @@ def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
     set_seed(config.seed)
 
     trained, processor = _model_to_train(config)
-    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    # under ZeRO-3, transformers loads the weights already partitioned: `ds_numel` is a parameter's whole size
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trained.parameters() if p.requires_grad)
 
     data = _build_data(config, processor, accelerator)
-    _check_video_frames(config, (trained.get_base_model() if config.lora else trained).config, data)
+    model_config = (trained.get_base_model() if config.lora else trained).config
+    _check_video_frames(config, model_config, data)
+    if _shards_parameters(accelerator):
+        _check_sharded_model(model_config)
+    same_modules = _same_modules_everywhere(accelerator)
+    vision = model_config.vision_config
+    image_shape = (vision.num_channels, vision.image_size, vision.image_size)
     if data.has_videos:  # the trained folder's processor samples videos as they were trained
         processor.num_frames = config.resample_frames
     data_files = _main_process_decides(accelerator, lambda: _check_data(data.files, saved, config, resume_from))
@@ -835,6 +910,8 @@ def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
     scheduler = get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=total_steps)
     trained, optimizer = accelerator.prepare(trained, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _gather_for_media_key_values(accelerator, trained)
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
             f"the launch configuration accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
@@ -882,14 +959,21 @@ def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
                 skipped.update(batch["skipped"])
                 records.count(batch, step * config.grad_accum + index)
             labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["num_examples"])
-            local = torch.tensor([labelled, sum(b["num_examples"] for b in group), *records.take_step_counts()],
-                                 device=accelerator.device)
-            tokens, examples, first_pass_examples, first_pass_skipped = accelerator.reduce(local, "sum").tolist()
+            with_images = [int(b.get("pixel_values") is not None) for b in group]
+            local = torch.tensor([labelled, sum(b["num_examples"] for b in group), *records.take_step_counts(),
+                                  *with_images], device=accelerator.device)
+            tokens, examples, first_pass_examples, first_pass_skipped, *images_anywhere = \
+                accelerator.reduce(local, "sum").tolist()
             records.add(first_pass_examples, first_pass_skipped)
             loss_sum = torch.zeros((), device=accelerator.device)
-            for batch in group:
+            for batch, images_elsewhere in zip(group, images_anywhere):
+                # FSDP, DeepSpeed: every process runs the vision tower when one does (see _unread_images)
+                unread = same_modules and images_elsewhere and batch.get("pixel_values") is None
                 with accelerator.accumulate(trained):
                     if batch["num_examples"]:
+                        if unread:
+                            batch = {**batch, "pixel_values": _unread_images(len(batch["input_ids"]), image_shape,
+                                                                             accelerator.device)}
                         batch_loss = token_loss_sum(trained, _to_device(batch, accelerator.device))
                         # accelerate divides by grad_accum and DDP averages over processes: undo both, so the gradient
                         # is that of the mean over the global batch's tokens
@@ -899,8 +983,9 @@ def _run(config: TrainingConfig, accelerator: Accelerator, out: Path) -> Path:
                     else:  # every record of this micro-batch was skipped; DDP, FSDP and DeepSpeed still expect a
                         # forward and a backward from this process: a one-token forward, with a zero loss
                         padding = torch.full((1, 1), processor.tokenizer.pad_token_id, device=accelerator.device)
+                        pixel_values = _unread_images(1, image_shape, accelerator.device) if unread else None
                         logits = trained(input_ids=padding, attention_mask=torch.ones_like(padding),
-                                         use_cache=False).logits
+                                         pixel_values=pixel_values, use_cache=False).logits
                         accelerator.backward(logits.sum() * 0.0)
             loss = accelerator.reduce(loss_sum, "sum").item() / tokens if tokens else None  # None: nothing to learn
             if loss is not None and not math.isfinite(loss):
@@ -1013,6 +1098,20 @@ class _MetricsFile:
         self.file.flush()
 
 
+def _keep_used_weight_conversions(model) -> None:
+    """
+    `save_pretrained` writes the weights under their names in the folder the model was loaded from, reverting the
+    weight conversions `from_pretrained` applied (`model._weight_conversions`). transformers (5.x) keeps only those
+    that matched a weight, except when it loads under DeepSpeed ZeRO-3, where it keeps all of its model types' (its
+    `_load_state_dict_into_zero3_model`): reverting unused ones renames weights that were never renamed
+    (`vision_model.embeddings.*` was written `vision_model.vision_model.embeddings.*`). Keep the used ones only, as
+    the other loading path does.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+
+
 def _save_output(accelerator: Accelerator, trained, processor, config: TrainingConfig, out: Path, summary: dict):
     """
     The final Otter folder: written beside `out` in a temporary folder, then its files moved into `out`. Its
@@ -1030,6 +1129,7 @@ def _save_output(accelerator: Accelerator, trained, processor, config: TrainingC
         elif config.lora:
             unwrapped.merge_and_unload().save_pretrained(temporary)
         else:
+            _keep_used_weight_conversions(unwrapped)
             unwrapped.save_pretrained(temporary, state_dict=state_dict)
         model_config = OtterConfig.from_pretrained(temporary)
         limit_tokenizer_length(processor.tokenizer, model_config.text_config)  # also when the start folder had none
