@@ -421,12 +421,7 @@ def video_worker(which, spec, device, dtype, repeats, logits_file, new_tokens=32
     print("ready", flush=True)
     sys.stdin.readline()
     sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _peak_rss_reset()
-        base = _current_rss()
+    base = _memory_mark(device)
     if which == "otter":
         output = run(new_tokens, output_logits=True, return_dict_in_generate=True)
         sequences, logits = output.sequences, torch.cat(output.logits)
@@ -438,7 +433,7 @@ def video_worker(which, spec, device, dtype, repeats, logits_file, new_tokens=32
     encoding = median_time(encode, device, repeats)
     first = median_time(lambda: run(1), device, repeats)
     full = median_time(lambda: run(new_tokens), device, repeats)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
+    peak = _peak_since(device, base)
     return {"ttft_s": first, "encoding_s": encoding, "decode_tok_s": (new_tokens - 1) / (full - first),
             "peak_extra_bytes": peak, "tokens": sequences[0, input_ids.shape[1]:].tolist(),
             "prompt_tokens": input_ids.shape[1],
@@ -752,6 +747,20 @@ def bench_eval_processes(model, spec, dtype, tiny=False, shots=8, batch_size=8, 
     return rows
 
 
+def _memory_mark(device) -> int:
+    """Resets the peak (CUDA allocations, or the process's resident set on the CPU) and returns what is held now."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    _peak_rss_reset()
+    return _current_rss()
+
+
+def _peak_since(device, base: int) -> int:
+    """The peak since `_memory_mark` returned `base`, above it."""
+    return (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
+
+
 def _peak_rss_reset():
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM (the peak resident set) to the current RSS
@@ -794,14 +803,9 @@ def train_step(which, model, reference, spec, device, dtype, repeats, prompt_nam
         optimizer.zero_grad(set_to_none=True)
 
     step()  # optimizer state exists from here on, as in a training run
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _peak_rss_reset()
-        base = _current_rss()
+    base = _memory_mark(device)
     seconds = median_time(step, device, repeats)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()) - base
+    peak = _peak_since(device, base)
     flops = count_flops(step)  # after the timed steps: counting slows the step and keeps shapes alive
     return {"samples_s": batch / seconds, "peak_extra_bytes": peak, "flops": flops, "flops_s": flops / seconds,
             "saved_bytes": saved_for_backward_bytes(step, net), "images": shape["images"],

@@ -171,9 +171,10 @@ def encode_batch(model, processor, texts: list[str], images: list[list],
             cache.shown(key, known[key], times[key])
     position = {key: index for index, key in enumerate(unique)}
     index = torch.tensor([[position[key] for key in sample_keys] for sample_keys in keys], device=features.device)
+    device = input_device(model)  # where the input embeddings run (with a device map, not the vision tower's)
     return {
-        "input_ids": batch["input_ids"].to(input_device(model)),
-        "attention_mask": batch["attention_mask"].to(input_device(model)),
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
         "media_key_values": model.get_media_key_values(features[index]),  # features[index]: (B, media, latents, dim)
     }
 

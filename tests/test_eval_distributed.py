@@ -6,7 +6,6 @@ prediction of the one-process run; a run resumes with another process count; RIC
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,9 @@ from otter.tiny import build_tiny_otter
 
 from .conftest import set_gates
 from .eval_fixtures import make_dataset
+from .train_fixtures import free_port
 
 DDP_CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "ddp.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(processes: int, *arguments: str) -> subprocess.CompletedProcess:

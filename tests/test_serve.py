@@ -11,13 +11,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,13 +30,9 @@ from otter import SHAPESWORLD_MODEL, OtterForConditionalGeneration, OtterProcess
 from otter.serve.app import ServeOptions, create_app  # noqa: E402
 from otter.shapesworld import ShapesWorld, render  # noqa: E402
 
+from .train_fixtures import free_port  # noqa: E402
+
 KEY = "sk-otter-test"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:

@@ -2,11 +2,8 @@
 together when one of them must."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,28 +13,16 @@ from safetensors.torch import load_file
 
 from otter.train.trainer import RunLock, train
 
+from .train_fixtures import launch_two_processes as launch
 from .train_fixtures import quick_config, read_metrics, save_tiny_model, write_jsonl
 
 DDP_CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "ddp.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_two_processes(model: Path, data: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
-    """`otter train finetune` on two DDP processes (gloo, on the CPU), one example per process per micro-batch."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", str(free_port()),
-        "-m", "otter.cli", "train", "finetune", "--model", str(model), "--data", str(data), "--out", str(out),
-        "--batch-size", "1", "--schedule", "constant", "--num-workers", "0", "--seed", "42", *options,
-    ]
-    # ddp.yaml targets GPUs; ACCELERATE_USE_CPU makes each process use gloo on the CPU instead
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    """`otter train finetune` on two DDP processes (gloo, on the CPU: ddp.yaml targets GPUs; ACCELERATE_USE_CPU makes
+    each process use gloo on the CPU instead), one example per process per micro-batch."""
+    return launch(DDP_CONFIG, "otter.cli", model, data, out, *options, env={"ACCELERATE_USE_CPU": "true"})
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from otter.cli import main
 from otter.processing_otter import DEFAULT_VIDEO_FRAMES

@@ -8,7 +8,6 @@ only requests with a `seed` run in a batch of their own, so that their sampling 
 """
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +56,6 @@ class Request:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Stop generating for this request (its client left): its rows end at the next step."""
@@ -187,9 +185,7 @@ class Engine:
         self.stopping = False
         # figures for /metrics
         self.batches = 0
-        self.batch_sizes: list[int] = []
         self.generated_tokens = 0
-        self.busy_seconds = 0.0
         self.on_batch: Callable[[int, int, float], None] | None = None  # (sequences, tokens, seconds) per batch
 
     # -- the queue -------------------------------------------------------------------------------------------------
@@ -267,7 +263,6 @@ class Engine:
             seconds = time.monotonic() - started
             rows = sum(request.n for request in batch)
             self.batches += 1
-            self.busy_seconds += seconds
             if self.on_batch is not None:
                 self.on_batch(rows, self.generated_tokens - tokens_before, seconds)
 
