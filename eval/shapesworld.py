@@ -1,9 +1,15 @@
 """
-Held-out ShapesWorld evaluation sets (see `otter.shapesworld`) and their loaders, for the `shapesworld_vqa`,
-`shapesworld_binding` and `shapesworld_comparison` tasks.
+Held-out ShapesWorld evaluation sets (see `otter.shapesworld`) and their loaders, for the `shapesworld_*` tasks.
 
     write_eval_sets("data/shapesworld_eval", seed=1234, count=200, shots=8)
     otter eval --task shapesworld_binding --data-dir data/shapesworld_eval --shots 0 4 8 ...
+
+`write_eval_sets` writes the sets the shipped model is measured on; `write_set` writes one set of any kind (`FILES`)
+from varied scenes, by default from the held-out bands of every axis of variation, e.g. 5-way binding named by
+vowel-initial words, or video clips (`videos/*.mp4`):
+
+    write_set("data/binding-5way", "binding", seed=1234, count=200, shots=10, ways=5,
+              words=nonce_words(200, 1234, held_out=True, form="V..C"))
 
 The folder holds `images/*.png` and one JSON Lines file per task, one sample per line:
 
@@ -11,19 +17,31 @@ The folder holds `images/*.png` and one JSON Lines file per task, one sample per
      "answer": "fowa", "kind": "binding", "demos": [{"images": [...], "instruction": ..., "answer": ...}, ...],
      "candidates": ["fowa", "kib"]}
 
-`images` are relative to the folder; `demos` are the sample's own demonstrations (a k-shot prompt shows the first k,
-in order); `candidates` (binding only) are the episode's nonce words, which the task ranks. The instructions and
-answers are those the training data uses, so that evaluation prompts equal training text token for token.
+A video set's records name `videos` (mp4 files) where the others name `images`. Paths are relative to the folder;
+`demos` are the sample's own demonstrations (a k-shot prompt shows the first k, in order); `candidates` (binding and
+naming) are the episode's names, which the ranking tasks rank. The instructions and answers are those the training
+data uses, so that evaluation prompts equal training text token for token.
 """
 
 import json
 from pathlib import Path
 
-from otter.shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, nonce_words, render
+from otter.shapesworld import (
+    BINDING_INSTRUCTION,
+    CLIP_KINDS,
+    MOTION_INSTRUCTION,
+    VQA_KINDS,
+    ShapesWorld,
+    nonce_words,
+    render,
+    video_bytes,
+)
 
 from .datasets import Benchmark, Example
 
-FILES = {"vqa": "vqa.jsonl", "binding": "binding.jsonl", "comparison": "comparison.jsonl"}
+FILES = {"vqa": "vqa.jsonl", "binding": "binding.jsonl", "comparison": "comparison.jsonl", "video": "video.jsonl",
+         "naming": "naming.jsonl"}
+RANKED = ("binding", "naming")  # the sets whose samples carry `candidates`
 BINDING_WAYS = 2
 BINDING_WORDS = 200  # the held-out nonce words an episode's names are drawn from
 
@@ -33,11 +51,17 @@ def _save(images_dir: Path, name: str, scene) -> str:
     return f"images/{name}"
 
 
-def _vqa_records(world: ShapesWorld, images_dir: Path, count: int, shots: int) -> list[dict]:
+def _save_video(videos_dir: Path, name: str, frames) -> str:
+    (videos_dir / name).write_bytes(video_bytes([render(scene) for scene in frames]))
+    return f"videos/{name}"
+
+
+def _vqa_records(world: ShapesWorld, images_dir: Path, count: int, shots: int, kinds=VQA_KINDS,
+                 **options) -> list[dict]:
     records = []
     for index in range(count):
         sample_id = f"vqa-{index:04d}"
-        query = world.vqa(VQA_KINDS[index % len(VQA_KINDS)])
+        query = world.vqa(kinds[index % len(kinds)], **options)
         demos = [world.vqa() for _ in range(shots)]
         records.append({
             "id": sample_id, "images": [_save(images_dir, f"{sample_id}.png", query["scene"])],
@@ -48,11 +72,12 @@ def _vqa_records(world: ShapesWorld, images_dir: Path, count: int, shots: int) -
     return records
 
 
-def _binding_records(world: ShapesWorld, images_dir: Path, count: int, shots: int, words: list[str]) -> list[dict]:
+def _binding_records(world: ShapesWorld, images_dir: Path, count: int, shots: int, words: list[str],
+                     ways: int = BINDING_WAYS) -> list[dict]:
     records = []
     for index in range(count):
         sample_id = f"binding-{index:04d}"
-        episode = world.binding_episode(shots, words=words, ways=BINDING_WAYS)
+        episode = world.binding_episode(shots, words=words, ways=ways)
         records.append({
             "id": sample_id, "images": [_save(images_dir, f"{sample_id}.png", episode["query"]["scene"])],
             "instruction": BINDING_INSTRUCTION, "answer": episode["query"]["answer"], "kind": "binding",
@@ -77,6 +102,81 @@ def _comparison_records(world: ShapesWorld, images_dir: Path, count: int, shots:
         demos = [_comparison_turn(images_dir, f"{sample_id}-demo{j}", world.comparison()) for j in range(shots)]
         records.append({"id": sample_id, **query, "kind": "comparison", "demos": demos})
     return records
+
+
+def _video_records(world: ShapesWorld, videos_dir: Path, count: int, shots: int) -> list[dict]:
+    """Clips of every kind in turn (CLIP_KINDS), each with `shots` demonstration clips of random kinds."""
+    records = []
+    for index in range(count):
+        sample_id = f"video-{index:04d}"
+        query = world.clip(CLIP_KINDS[index % len(CLIP_KINDS)])
+        demos = [world.clip() for _ in range(shots)]
+        records.append({
+            "id": sample_id, "videos": [_save_video(videos_dir, f"{sample_id}.mp4", query["frames"])],
+            "instruction": query["question"], "answer": query["answer"], "kind": query["kind"],
+            "demos": [{"videos": [_save_video(videos_dir, f"{sample_id}-demo{j}.mp4", demo["frames"])],
+                       "instruction": demo["question"], "answer": demo["answer"]} for j, demo in enumerate(demos)],
+        })
+    return records
+
+
+def _naming_records(world: ShapesWorld, videos_dir: Path, count: int, shots: int, words: list[str],
+                    ways: int) -> list[dict]:
+    records = []
+    for index in range(count):
+        sample_id = f"naming-{index:04d}"
+        episode = world.motion_naming_episode(shots, words=words, ways=ways)
+        records.append({
+            "id": sample_id, "videos": [_save_video(videos_dir, f"{sample_id}.mp4", episode["query"]["frames"])],
+            "instruction": MOTION_INSTRUCTION, "answer": episode["query"]["answer"], "kind": "naming",
+            "demos": [{"videos": [_save_video(videos_dir, f"{sample_id}-demo{j}.mp4", demo["frames"])],
+                       "instruction": MOTION_INSTRUCTION, "answer": demo["answer"]}
+                      for j, demo in enumerate(episode["demos"])],
+            "candidates": sorted(episode["names"].values()),
+        })
+    return records
+
+
+def write_set(out_dir, kind: str, seed: int, count: int = 200, shots: int = 8, *, varied: bool = True,
+              held_out: bool = True, ways: int = BINDING_WAYS, words: list[str] | None = None,
+              vqa_kinds=VQA_KINDS, **vqa_options) -> Path:
+    """
+    Write one evaluation set of `kind` (a key of FILES) into `out_dir`: `count` samples drawn from
+    `ShapesWorld(seed, varied=varied, held_out=held_out)`, each with `shots` demonstrations of its own.
+
+    - "vqa": questions cycling through `vqa_kinds` (`vqa_options`, e.g. `objects=1, radius=0.1`, go to
+      `ShapesWorld.vqa`), demonstrations of random kinds;
+    - "binding", "naming": `ways`-way episodes of shapes, or of motions in clips, named by `words` (by default
+      `nonce_words(200, seed, held_out=True, form="any")`; real words such as SHAPES bind against their meaning);
+    - "comparison": two images of different shapes;
+    - "video": clips that move, change colour, appear or vanish (CLIP_KINDS in turn), as mp4 files.
+
+    The same arguments write the same bytes. Returns `out_dir` as a Path.
+    """
+    if kind not in FILES:
+        raise ValueError(f"unknown ShapesWorld set {kind!r}; expected one of {sorted(FILES)}")
+    if count < 1 or shots < 0:
+        raise ValueError(f"count must be >= 1 and shots >= 0, got count={count}, shots={shots}")
+    if vqa_options and kind != "vqa":
+        raise ValueError(f"{sorted(vqa_options)} are options of VQA sets, not of {kind!r}")
+    out_dir = Path(out_dir)
+    media_dir = out_dir / ("videos" if kind in ("video", "naming") else "images")
+    media_dir.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(seed, varied=varied, held_out=held_out)
+    words = words if words is not None else nonce_words(BINDING_WORDS, seed, held_out=True, form="any")
+    if kind == "vqa":
+        records = _vqa_records(world, media_dir, count, shots, tuple(vqa_kinds), **vqa_options)
+    elif kind == "binding":
+        records = _binding_records(world, media_dir, count, shots, words, ways)
+    elif kind == "comparison":
+        records = _comparison_records(world, media_dir, count, shots)
+    elif kind == "video":
+        records = _video_records(world, media_dir, count, shots)
+    else:
+        records = _naming_records(world, media_dir, count, shots, words, ways)
+    with open(out_dir / FILES[kind], "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+    return out_dir
 
 
 def write_eval_sets(out_dir, seed: int = 1234, count: int = 200, shots: int = 8) -> Path:
@@ -112,11 +212,15 @@ def _strings(value, what: str) -> list[str]:
 
 
 def _turn_images(data_dir: Path, turn: dict, where: str):
+    """A turn's media: its `images`, or the `videos` of a video set."""
+    key = "videos" if "videos" in turn else "images"
+    if "videos" in turn and "images" in turn:
+        raise ValueError(f"{where} names both 'images' and 'videos'; a ShapesWorld turn shows one kind of media")
     paths = []
-    for relative in _strings(turn.get("images"), f"{where} 'images'"):
+    for relative in _strings(turn.get(key), f"{where} {key!r}"):
         path = data_dir / relative
         if not path.is_file():
-            raise ValueError(f"{where}: image {relative!r} not found (expected {path})")
+            raise ValueError(f"{where}: {key[:-1]} {relative!r} not found (expected {path})")
         paths.append(path)
     return paths[0] if len(paths) == 1 else tuple(paths)
 
@@ -161,8 +265,8 @@ def _example(data_dir: Path, record, where: str) -> Example:
 
 def load_shapesworld(kind: str, data_dir: Path) -> Benchmark:
     """
-    The samples of `data_dir/<kind>.jsonl` (`kind` one of "vqa", "binding", "comparison"), as written by
-    `write_eval_sets`: an empty pool (every sample has its own demonstrations) and the samples to evaluate.
+    The samples of `data_dir/<kind>.jsonl` (`kind` a key of FILES), as written by `write_eval_sets` or
+    `write_set`: an empty pool (every sample has its own demonstrations) and the samples to evaluate.
     """
     if kind not in FILES:
         raise ValueError(f"unknown ShapesWorld set {kind!r}; expected one of {sorted(FILES)}")
@@ -182,7 +286,7 @@ def load_shapesworld(kind: str, data_dir: Path) -> Benchmark:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON: {error}") from None
             example = _example(data_dir, record, where)
-            if kind == "binding" and example.candidates is None:
+            if kind in RANKED and example.candidates is None:
                 raise ValueError(f"{where} (sample {example.id!r}) needs 'candidates', the episode's names")
             if example.id in seen:
                 raise ValueError(f"sample id {example.id!r} occurs twice in {path}; sample ids must be unique")
@@ -206,3 +310,13 @@ def load_shapesworld_binding(data_dir: Path) -> Benchmark:
 def load_shapesworld_comparison(data_dir: Path) -> Benchmark:
     """`data_dir/comparison.jsonl`: see `load_shapesworld`."""
     return load_shapesworld("comparison", data_dir)
+
+
+def load_shapesworld_video(data_dir: Path) -> Benchmark:
+    """`data_dir/video.jsonl`: see `load_shapesworld`."""
+    return load_shapesworld("video", data_dir)
+
+
+def load_shapesworld_naming(data_dir: Path) -> Benchmark:
+    """`data_dir/naming.jsonl`: see `load_shapesworld`."""
+    return load_shapesworld("naming", data_dir)

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from otter.prompts import CAPTION, CLASSIFICATION, HATEFUL_MEMES, OTTER_CHAT, VIDEO_QA, VQA, PromptTemplate
+from otter.prompts import (
+    CAPTION,
+    CLASSIFICATION,
+    HATEFUL_MEMES,
+    OTTER_CHAT,
+    OTTER_VIDEO_CHAT,
+    VIDEO_QA,
+    VQA,
+    PromptTemplate,
+)
 
 from .datasets import (
     Benchmark,
@@ -34,7 +43,13 @@ from .metrics import (
     roc_auc,
     vqa_accuracy,
 )
-from .shapesworld import load_shapesworld_binding, load_shapesworld_comparison, load_shapesworld_vqa
+from .shapesworld import (
+    load_shapesworld_binding,
+    load_shapesworld_comparison,
+    load_shapesworld_naming,
+    load_shapesworld_video,
+    load_shapesworld_vqa,
+)
 
 # A scorer takes the evaluated examples and their per-sample records (same order) and returns the score and one dict
 # of per-sample metric values per example.
@@ -150,6 +165,24 @@ TASKS["shapesworld_comparison"] = Task(
     name="shapesworld_comparison", metric="exact-match accuracy", load=load_shapesworld_comparison,
     prompt=OTTER_CHAT, score=score_exact_match, generation=dict(num_beams=1, max_new_tokens=48),
     postprocess=normalise_exact, zero_shot_demos=0)
+# the in-context names generated, not ranked: the model must write a word it has seen only in the prompt
+NAME_GENERATION = dict(num_beams=1, max_new_tokens=12)
+TASKS["shapesworld_binding_generation"] = Task(
+    name="shapesworld_binding_generation", metric="exact-match accuracy", load=load_shapesworld_binding,
+    prompt=OTTER_CHAT, score=score_exact_match, generation=NAME_GENERATION, postprocess=normalise_exact,
+    zero_shot_demos=0)
+# clips (mp4 files of otter.shapesworld.ShapesWorld.clip), shown as videos of their frames, as training shows them
+TASKS["shapesworld_video"] = Task(
+    name="shapesworld_video", metric="exact-match accuracy", load=load_shapesworld_video, prompt=OTTER_VIDEO_CHAT,
+    score=score_exact_match, generation=dict(num_beams=1, max_new_tokens=8), postprocess=normalise_exact,
+    zero_shot_demos=0, group_by="kind", media="video")
+TASKS["shapesworld_naming"] = Task(
+    name="shapesworld_naming", metric="top-1 accuracy", load=load_shapesworld_naming, prompt=OTTER_VIDEO_CHAT,
+    score=score_top1, zero_shot_demos=0, top_k=2, media="video")
+TASKS["shapesworld_naming_generation"] = Task(
+    name="shapesworld_naming_generation", metric="exact-match accuracy", load=load_shapesworld_naming,
+    prompt=OTTER_VIDEO_CHAT, score=score_exact_match, generation=NAME_GENERATION, postprocess=normalise_exact,
+    zero_shot_demos=0, media="video")
 
 
 # Video QA (Xu et al., 2017): VQA's prompt, demonstrations, zero-shot protocol, decoding and post-processing, a video

@@ -53,6 +53,7 @@ HATEFUL_MEMES = PromptTemplate(
 VIDEO_QA = PromptTemplate("<video>Question:{question} Short answer:{answer}", "answer")  # VQA's, a video shown
 # Otter's MIMIC-IT chat format: the loss covers only what follows <answer>
 OTTER_CHAT = PromptTemplate("<image>User: {instruction} GPT:<answer> {answer}", "answer")
+OTTER_VIDEO_CHAT = PromptTemplate("<video>User: {instruction} GPT:<answer> {answer}", "answer")  # a video shown
 
 
 def with_images(text: str, count: int) -> str:

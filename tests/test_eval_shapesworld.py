@@ -13,15 +13,25 @@ from PIL import Image
 
 from otter.cli import main
 from otter.eval import TASKS, build_prompt, evaluate
-from otter.eval.shapesworld import FILES, load_shapesworld, write_eval_sets
+from otter.eval.shapesworld import FILES, load_shapesworld, write_eval_sets, write_set
 from otter.prompts import END_OF_CHUNK
-from otter.shapesworld import SHAPES, VQA_KINDS, ShapesWorld, is_held_out, nonce_words, render
+from otter.shapesworld import (
+    CLIP_KINDS,
+    MOTION_INSTRUCTION,
+    SHAPES,
+    VQA_KINDS,
+    ShapesWorld,
+    is_held_out,
+    nonce_words,
+    render,
+)
 from otter.tiny import build_tiny_otter
 from otter.train.data import Turn, instruction_text
 
 from .conftest import set_gates
 
 SEED, COUNT, SHOTS = 5, 5, 4
+IMAGE_SETS = ("vqa", "binding", "comparison")  # what write_eval_sets writes
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +57,8 @@ def pixels(path: Path) -> bytes:
 # -- the written sets ------------------------------------------------------------------------------------------------
 def test_the_writer_is_deterministic_by_seed(tmp_path, data_dir):
     again = write_eval_sets(tmp_path / "again", seed=SEED, count=COUNT, shots=SHOTS)
-    names = sorted(FILES.values()) + sorted(f"images/{p.name}" for p in (data_dir / "images").iterdir())
+    names = sorted(FILES[kind] for kind in IMAGE_SETS)
+    names += sorted(f"images/{p.name}" for p in (data_dir / "images").iterdir())
     assert len(names) == 3 + COUNT * (1 + SHOTS) * 4  # comparisons show two images per turn
     match, mismatch, errors = filecmp.cmpfiles(data_dir, again, names, shallow=False)
     assert not mismatch and not errors
@@ -96,7 +107,7 @@ def test_binding_answers_are_held_out_words_bound_by_the_demos(data_dir):
 
 
 def test_loaders_read_every_set_and_name_bad_files(tmp_path, data_dir):
-    for kind in FILES:
+    for kind in IMAGE_SETS:
         benchmark = load_shapesworld(kind, data_dir)
         assert benchmark.pool == [] and len(benchmark.test) == COUNT
         example = benchmark.test[0]
@@ -158,6 +169,68 @@ def test_zero_shot_prompts_hold_only_the_query(data_dir):
     assert text == "<image>Image 1. <image>Image 2. User: What are the two shapes? GPT:<answer>"
     assert images == list(comparison.image)
     assert all(TASKS[f"shapesworld_{kind}"].zero_shot_demos == 0 for kind in FILES)
+
+
+# -- varied and video sets -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapesworld_video")
+    write_set(folder, "video", seed=SEED, count=3, shots=2)
+    return write_set(folder, "naming", seed=SEED, count=4, shots=4, ways=2)
+
+
+def test_varied_sets_are_held_out_and_deterministic(tmp_path):
+    words = nonce_words(50, SEED, held_out=True, form="V..C")
+    first = write_set(tmp_path / "a", "binding", seed=SEED, count=3, shots=10, ways=5, words=words)
+    again = write_set(tmp_path / "b", "binding", seed=SEED, count=3, shots=10, ways=5, words=words)
+    assert (first / "binding.jsonl").read_bytes() == (again / "binding.jsonl").read_bytes()
+    world = ShapesWorld(SEED, varied=True, held_out=True)  # the set's episodes, from the held-out bands
+    for record in read_jsonl(first / "binding.jsonl"):
+        episode = world.binding_episode(10, words=words, ways=5)
+        assert record["candidates"] == sorted(episode["names"].values()) and len(record["candidates"]) == 5
+        assert {demo["answer"] for demo in record["demos"][:5]} == set(record["candidates"])
+        assert pixels(first / record["images"][0]) == render(episode["query"]["scene"]).tobytes()
+    small = write_set(tmp_path / "small", "vqa", seed=SEED, count=4, shots=0, vqa_kinds=("count",), objects=1,
+                      radius=0.1)
+    assert [r["answer"] for r in read_jsonl(small / "vqa.jsonl")] == ["one"] * 4
+    with pytest.raises(ValueError, match="options of VQA sets"):
+        write_set(tmp_path / "c", "binding", seed=SEED, objects=1)
+
+
+def test_video_sets_hold_mp4_clips_and_prompt_as_training_does(video_dir):
+    video = load_shapesworld("video", video_dir)
+    assert [example.fields["kind"] for example in video.test] == list(CLIP_KINDS)
+    for example in video.test:
+        assert example.image.suffix == ".mp4" and example.image.is_file() and len(example.demos) == 2
+    naming = load_shapesworld("naming", video_dir)
+    for example in naming.test:
+        assert example.fields["instruction"] == MOTION_INSTRUCTION and len(example.candidates) == 2
+        assert {demo.target for demo in example.demos[:2]} == set(example.candidates)
+        assert all(is_held_out(name) for name in example.candidates)
+    task = TASKS["shapesworld_naming"]
+    example = naming.test[0]
+    text, videos = build_prompt(task, example, list(example.demos[:2]), 2)
+    turns = [Turn(t.fields["instruction"], t.fields["answer"], videos=[t.image]) for t in [*example.demos[:2], example]]
+    training_text = instruction_text(turns)
+    assert text.startswith("<video>User: What is this motion called? GPT:<answer> ")
+    assert training_text == text + " " + example.target + END_OF_CHUNK and videos == [t.videos[0] for t in turns]
+
+
+def test_video_tasks_evaluate_decoded_clips(tmp_path, video_dir, tiny_model):
+    model, processor = tiny_model
+    report = evaluate(model, processor, "shapesworld_video", video_dir, tmp_path / "video.json", shots=[0, 2],
+                      batch_size=3)
+    assert set(report["results"][1]["groups"]) == set(CLIP_KINDS)
+    ranked = evaluate(model, processor, "shapesworld_naming", video_dir, tmp_path / "naming.json", shots=[2],
+                      batch_size=4)
+    test = load_shapesworld("naming", video_dir).test
+    for example, record in zip(test, ranked["results"][0]["trials"][0]["predictions"]):
+        assert record["prediction"] in example.candidates and len(record["demos"]) == 2
+    broken = tmp_path / "broken"
+    (broken / "videos").mkdir(parents=True)
+    (broken / "naming.jsonl").write_text((video_dir / "naming.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"video 'videos/naming-0000-demo0.mp4' not found"):
+        load_shapesworld("naming", broken)
 
 
 # -- the evaluator ---------------------------------------------------------------------------------------------------
