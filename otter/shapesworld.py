@@ -269,6 +269,22 @@ def nonce_words(count: int, seed: int, held_out: bool = False, form: str | None 
     return sorted(words)
 
 
+def describe_clip(frames: list[Scene]) -> str:
+    """
+    A clip in words, from its first and last frames: "a red star moving left", "a red star turning blue",
+    "a red star appearing", "a red star vanishing" (a clip of `ShapesWorld.clip`: one shape, one change).
+    """
+    first, last = frames[0].objects, frames[-1].objects
+    if len(first) != len(last):
+        return (last or first)[0].describe() + (" appearing" if last else " vanishing")
+    a, b = first[0], last[0]
+    if a.colour != b.colour:
+        return f"{a.describe()} turning {b.colour}"
+    dx, dy = b.x - a.x, b.y - a.y
+    direction = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+    return f"{a.describe()} moving {direction}"
+
+
 def video_bytes(frames: list[Image.Image], fps: int = 4) -> bytes:
     """Frames as an H.264 mp4 (PyAV; near-lossless, crf 12), what a video file of a clip holds."""
     import av

@@ -52,3 +52,40 @@ def test_a_rerun_continues_and_another_recipe_is_refused(run, monkeypatch):
     assert json.loads((run / "timings.json").read_text()) == before
     with pytest.raises(ValueError, match="another recipe"):
         reproduce(run, Recipe(scale=SCALE, seed=1))
+
+
+# -- the varied world's training data (otter train shapesworld --varied) -------------------------------------------
+def test_varied_training_data_holds_video_episodes_of_clips_and_binding_of_many_ways(tmp_path):
+    import dataclasses
+    import re
+
+    from otter.shapesworld import FRAMES, MOTION_INSTRUCTION, WORD_FORMS, word_form
+    from otter.train.data import instruction_source
+    from otter.train.shapesworld import VARIED_RECIPE, VIDEO_SET, training_words, write_mimicit, write_text_corpus
+
+    recipe = dataclasses.replace(VARIED_RECIPE, scale=0.01)
+    words = training_words(recipe)
+    assert {word_form(word) for word in words} == set(WORD_FORMS)
+    images, videos = write_mimicit(tmp_path / "instructions", recipe, words)
+    assert videos.name == f"{VIDEO_SET}_instructions.json"
+    video_source = instruction_source(str(videos), video_sets=[VIDEO_SET])
+    image_source = instruction_source(str(images), video_sets=[VIDEO_SET])
+    assert video_source.video and not image_source.video
+    share = len(video_source) / (len(video_source) + len(image_source))
+    assert 0.05 < share < 0.3  # video_share 0.15 of the episodes
+    naming = 0
+    for index in range(len(video_source)):
+        example = video_source.example(index)
+        assert example.images == [] and all(len(video) == FRAMES for video in example.videos)
+        assert example.text.count("<video>") == len(example.videos) >= 1
+        naming += MOTION_INSTRUCTION in example.text
+    assert 0 < naming < len(video_source)
+    ways = set()
+    for index in range(len(image_source)):
+        text = image_source.example(index).text
+        if "What is it called?" in text:
+            ways.add(len(set(re.findall(r"GPT:<answer> (\w+)", text))))
+    assert max(ways) >= 4, ways  # binding beyond two ways
+    write_text_corpus(tmp_path / "text.txt", recipe, words)
+    corpus = (tmp_path / "text.txt").read_text()
+    assert re.search(r"Video: an? \w+ \w+ moving (left|right|up|down)\. User: (Which way|What is this motion)", corpus)

@@ -72,6 +72,8 @@ def register(commands) -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiplies every step and sample count (0.01 runs the whole pipeline in about a minute)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--varied", action="store_true",
+                        help="the varied world (VARIED_RECIPE): every axis of variation, video, 2-5-way binding")
     parser.set_defaults(func=run_shapesworld)
 
 
@@ -86,10 +88,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_shapesworld(args: argparse.Namespace) -> None:
-    from .shapesworld import Recipe, reproduce
+    import dataclasses
+
+    from .shapesworld import VARIED_RECIPE, Recipe, reproduce
 
     if args.scale <= 0:
         raise SystemExit(f"otter: --scale must be positive, got {args.scale}")
-    model_dir = reproduce(args.out, Recipe(seed=args.seed, scale=args.scale))
+    recipe = VARIED_RECIPE if args.varied else Recipe()
+    model_dir = reproduce(args.out, dataclasses.replace(recipe, seed=args.seed, scale=args.scale))
     print((model_dir.parent / "eval" / "results.md").read_text(encoding="utf-8"), end="")
     print(f"\nmodel: {model_dir}")

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tarfile
@@ -38,7 +39,20 @@ import torch
 
 from otter.language_models import max_positions
 from otter.model_card import CODE_LICENSE, model_card
-from otter.shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
+from otter.shapesworld import (
+    BINDING_INSTRUCTION,
+    FRAMES,
+    MOTION_INSTRUCTION,
+    SHAPES,
+    SIZE,
+    VQA_KINDS,
+    WORD_FORMS,
+    ShapesWorld,
+    describe,
+    describe_clip,
+    nonce_words,
+    render,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +96,26 @@ class Recipe:
     finetune_steps: int = 2400
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
+    # the world: `varied` draws ShapesWorld's varied scenes (every axis of variation, held-out bands kept for the
+    # evaluation), binding of 2-5 ways named by words of every form, and video episodes; off, the shipped model's
+    varied: bool = False
+    video_share: float = 0.15  # varied: the share of instruction episodes (and text documents) that show clips
+    real_word_share: float = 0.15  # varied: the share of binding episodes whose names are shape names, misapplied
+    train_vision: bool = False  # CLIP is trained on in pretraining and finetuning (everything is), not frozen
+    precision: str = "fp32"  # of pretraining and finetuning ("bf16": autocast, faster on CPUs that have it)
 
     def scaled(self, name: str) -> int:
         """A step or sample count times `scale`, at least 1."""
         return max(1, round(getattr(self, name) * self.scale))
 
 
+# the varied world's recipe (`otter train shapesworld --varied`)
+VARIED_RECIPE = Recipe(varied=True, precision="bf16", train_vision=True, instruction_examples=32_000,
+                       clip_batch=128, pretrain_steps=2000, finetune_steps=2000, lm_steps=300)
+
 OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, perceiver_num_latents=16,
                    perceiver_ff_mult=2, cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
+VIDEO_SET = "shapesworld_video"  # the MIMIC-IT set of video episodes (each instruction's images: one clip's frames)
 
 
 # -- text -------------------------------------------------------------------------------------------------------------
@@ -98,15 +124,24 @@ OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, 
 # are drawn more often
 EPISODE_WEIGHTS = (25, 5, 30, 40)
 VQA_KIND_WEIGHTS = (1, 2, 1, 1, 3)
+# varied worlds: binding of 2 to 5 ways (2 most often), 1-4 demonstrations per class, at most MAX_DEMOS in all
+BINDING_WAYS = (2, 2, 3, 4, 5)
+MAX_DEMOS = 12
 
 
-def _turns(world: ShapesWorld, words: list[str]) -> list[dict]:
+def _turns(world: ShapesWorld, words: list[str], real_word_share: float = 0.0) -> list[dict]:
     """One random episode of ShapesWorld turns: {"scenes", "instruction", "answer"} dicts, the query last."""
     rng = world.rng
     kind = rng.choices(("vqa", "caption", "comparison", "binding"), weights=EPISODE_WEIGHTS)[0]
     if kind == "binding":
-        ways = rng.choice((2, 2, 3))
-        episode = world.binding_episode(shots=rng.randint(ways, 8), words=words, ways=ways)
+        if world.varied:
+            ways = rng.choice(BINDING_WAYS)
+            names = SHAPES if rng.random() < real_word_share else words
+            episode = world.binding_episode(shots=rng.randint(ways, min(MAX_DEMOS, 4 * ways)), words=names,
+                                            ways=ways)
+        else:
+            ways = rng.choice((2, 2, 3))
+            episode = world.binding_episode(shots=rng.randint(ways, 8), words=words, ways=ways)
         return [{"scenes": [turn["scene"]], "instruction": BINDING_INSTRUCTION, "answer": turn["answer"]}
                 for turn in [*episode["demos"], episode["query"]]]
     count = 1 + (rng.randint(1, 4) if rng.random() < 0.5 else 0)
@@ -125,14 +160,39 @@ def _turns(world: ShapesWorld, words: list[str]) -> list[dict]:
     return turns[:3] if kind == "comparison" else turns
 
 
+def _video_turns(world: ShapesWorld, words: list[str]) -> list[dict]:
+    """
+    One random video episode: {"clips", "instruction", "answer"} turns, each clip a list of frame scenes; half of
+    them 1-4 questions on clips, half in-context naming of 2-4 motions (2-8 demonstrations, the query last).
+    """
+    rng = world.rng
+    if rng.random() < 0.5:
+        ways = rng.choice((2, 2, 3, 4))
+        episode = world.motion_naming_episode(shots=rng.randint(ways, 8), words=words, ways=ways)
+        return [{"clips": [turn["frames"]], "instruction": MOTION_INSTRUCTION, "answer": turn["answer"]}
+                for turn in [*episode["demos"], episode["query"]]]
+    clips = [world.clip() for _ in range(rng.randint(1, 4))]
+    return [{"clips": [clip["frames"]], "instruction": clip["question"], "answer": clip["answer"]} for clip in clips]
+
+
+def _episodes(world: ShapesWorld, words: list[str], count: int, recipe: Recipe) -> list[list[dict]]:
+    """`count` episodes: of a varied world, a `video_share` of them video episodes."""
+    if not world.varied:
+        return [_turns(world, words) for _ in range(count)]
+    return [_video_turns(world, words) if world.rng.random() < recipe.video_share
+            else _turns(world, words, recipe.real_word_share) for _ in range(count)]
+
+
 def text_document(turns: list[dict]) -> str:
     """
     The episode in words only, each image replaced by its description (and, in a turn of several images, followed by
-    its label as `otter.prompts.with_images` writes it): what the language model learns from.
+    its label as `otter.prompts.with_images` writes it), each clip by what happens in it: what the language model
+    learns from.
     """
     lines = []
     for turn in turns:
-        scenes = [f"Scene: {describe(scene)}." for scene in turn["scenes"]]
+        scenes = [f"Scene: {describe(scene)}." for scene in turn.get("scenes", [])]
+        scenes += [f"Video: {describe_clip(frames)}." for frames in turn.get("clips", [])]
         if len(scenes) > 1:
             scenes = [f"{scene} Image {i}." for i, scene in enumerate(scenes, 1)]
         lines.append(f"{' '.join(scenes)} User: {turn['instruction']} GPT: {turn['answer']}")
@@ -146,9 +206,23 @@ def png_bytes(scene) -> bytes:
     return buffer.getvalue()
 
 
+def _png_base64(scene) -> str:
+    return base64.b64encode(png_bytes(scene)).decode()
+
+
+def png_base64_all(scenes: list) -> list[str]:
+    """The scenes rendered as base64 PNGs, in order, on every CPU core (rendering is most of the data stage)."""
+    if len(scenes) < 2048:
+        return [_png_base64(scene) for scene in scenes]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(_png_base64, scenes, chunksize=512))
+
+
 def write_text_corpus(path: Path, recipe: Recipe, words: list[str]) -> None:
-    world = ShapesWorld(recipe.seed + 1)
-    documents = [text_document(_turns(world, words)) for _ in range(recipe.scaled("lm_documents"))]
+    world = ShapesWorld(recipe.seed + 1, varied=recipe.varied)
+    documents = [text_document(turns) for turns in _episodes(world, words, recipe.scaled("lm_documents"), recipe)]
     path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
 
 
@@ -161,7 +235,7 @@ def write_web_shards(folder: Path, recipe: Recipe) -> list[str]:
     kept the perceiver from learning shapes (1500 training steps from the assembled model: one-object captions
     named the right shape 9/40 times with 15% of the samples such documents, 27/40 with caption documents instead).
     """
-    world, rng = ShapesWorld(recipe.seed + 2), random.Random(recipe.seed + 2)
+    world, rng = ShapesWorld(recipe.seed + 2, varied=recipe.varied), random.Random(recipe.seed + 2)
     folder.mkdir(parents=True, exist_ok=True)
     samples = recipe.scaled("web_samples")
     paths = [folder / f"shapesworld-{i:03d}.tar" for i in range(recipe.web_shards)]
@@ -190,31 +264,47 @@ def write_web_shards(folder: Path, recipe: Recipe) -> list[str]:
     return [str(path) for path in paths]
 
 
-def write_mimicit(folder: Path, recipe: Recipe, words: list[str], name: str = "shapesworld") -> Path:
-    """The instruction set in MIMIC-IT's layout: instructions, parquet images, and the in-context train config."""
+def write_mimicit(folder: Path, recipe: Recipe, words: list[str], name: str = "shapesworld") -> list[Path]:
+    """
+    The instruction set in MIMIC-IT's layout: instructions, parquet images, and the in-context train config; for a
+    varied world also the video set `VIDEO_SET`, whose instructions' images are the frames of one clip each. Returns
+    the instruction files.
+    """
+    world = ShapesWorld(recipe.seed + 3, varied=recipe.varied)
+    folder.mkdir(parents=True, exist_ok=True)
+    episodes = _episodes(world, words, recipe.scaled("instruction_examples"), recipe)
+    videos = [turns for turns in episodes if "clips" in turns[0]]
+    images = [turns for turns in episodes if "clips" not in turns[0]]
+    paths = [_write_mimicit_set(folder, name, images, recipe.seed)]
+    if videos:
+        paths.append(_write_mimicit_set(folder, VIDEO_SET, videos, recipe.seed))
+    return paths
+
+
+def _write_mimicit_set(folder: Path, name: str, episodes: list[list[dict]], seed: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    world = ShapesWorld(recipe.seed + 3)
-    folder.mkdir(parents=True, exist_ok=True)
-    instructions, train_config, image_ids, images = {}, {}, [], []
-    for index in range(recipe.scaled("instruction_examples")):
+    instructions, train_config, image_ids, scenes = {}, {}, [], []
+    prefix = "SW" if name == "shapesworld" else "SWV"
+    for index, turns in enumerate(episodes):
         turn_ids = []
-        for position, turn in enumerate(_turns(world, words)):
+        for position, turn in enumerate(turns):
             ids = []
-            for scene in turn["scenes"]:
-                ids.append(f"SW_IMG_{len(image_ids):07d}")
+            for scene in turn.get("scenes", []) + [frame for frames in turn.get("clips", []) for frame in frames]:
+                ids.append(f"{prefix}_IMG_{len(image_ids):07d}")
                 image_ids.append(ids[-1])
-                images.append(base64.b64encode(png_bytes(scene)).decode())
-            turn_ids.append(f"SW_INS_{index:06d}_{position}")
+                scenes.append(scene)
+            turn_ids.append(f"{prefix}_INS_{index:06d}_{position}")
             instructions[turn_ids[-1]] = {"instruction": turn["instruction"], "answer": turn["answer"],
                                           "image_ids": ids, "rel_ins_ids": []}
         train_config[turn_ids[-1]] = turn_ids[:-1]
-    meta = {"version": "1.0", "author": "otter.train.shapesworld", "seed": recipe.seed}
+    meta = {"version": "1.0", "author": "otter.train.shapesworld", "seed": seed}
     path = folder / f"{name}_instructions.json"
     path.write_text(json.dumps({"meta": meta, "data": instructions}), encoding="utf-8")
     (folder / f"{name}_train.json").write_text(json.dumps(train_config), encoding="utf-8")
-    pq.write_table(pa.table({"id": image_ids, "base64": images}), folder / f"{name}.parquet", row_group_size=128)
+    pq.write_table(pa.table({"id": image_ids, "base64": png_base64_all(scenes)}), folder / f"{name}.parquet",
+                   row_group_size=128)
     return path
 
 
@@ -238,7 +328,7 @@ def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / f"{CLIP_NAME}.json"
     config_path.write_text(json.dumps(CLIP_CONFIG, indent=1))
-    world = ShapesWorld(recipe.seed + 4)
+    world = ShapesWorld(recipe.seed + 4, varied=recipe.varied)
     count = recipe.scaled("clip_images")
     scenes = [world.caption()["scene"] for _ in range(count)]
     pixels = torch.from_numpy(np.stack([np.asarray(render(scene)) for scene in scenes]))  # (N, 64, 64, 3) uint8
@@ -256,8 +346,9 @@ def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
     for step in range(steps):
         batch = torch.randint(count, (recipe.clip_batch,), generator=generator)
         images = (pixels[batch].permute(0, 3, 1, 2).float() / 255 - mean) / std
-        image_features, text_features, logit_scale = model(images, texts[batch])
-        loss = loss_fn(image_features, text_features, logit_scale)
+        with _autocast(recipe):
+            image_features, text_features, logit_scale = model(images, texts[batch])
+        loss = loss_fn(image_features.float(), text_features.float(), logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -271,6 +362,15 @@ def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
     return config_path, weights
 
 
+def _autocast(recipe: Recipe):
+    """bf16 autocast on the CPU when the recipe's precision says so, else nothing."""
+    import contextlib
+
+    if recipe.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _warmup_cosine(optimizer, warmup: int, steps: int):
     def factor(step):
         if step < warmup:
@@ -281,6 +381,11 @@ def _warmup_cosine(optimizer, warmup: int, steps: int):
 
 
 # -- tokenizer and language model -------------------------------------------------------------------------------------
+def training_words(recipe: Recipe) -> list[str]:
+    """The nonce words training binds: of every form (WORD_FORMS) in a varied world, else the shipped model's."""
+    return nonce_words(recipe.training_words, recipe.seed, form="any" if recipe.varied else None)
+
+
 def train_tokenizer(folder: Path, corpus: Path, recipe: Recipe):
     """
     Byte-level BPE trained on the corpus without its nonce words, so that training and held-out nonce words are
@@ -290,7 +395,7 @@ def train_tokenizer(folder: Path, corpus: Path, recipe: Recipe):
     from transformers import PreTrainedTokenizerFast
 
     text = corpus.read_text(encoding="utf-8")
-    words = set(nonce_words(recipe.training_words, recipe.seed))
+    words = set(training_words(recipe))
     lines = [" ".join(word for word in line.split(" ") if word not in words) for line in text.splitlines()]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -389,7 +494,7 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
                          "to continue that run")
     recipe_file.write_text(json.dumps(asdict(recipe), indent=1))
     stages = Stages(out)
-    words = nonce_words(recipe.training_words, recipe.seed)
+    words = training_words(recipe)
 
     def data(folder):
         folder.mkdir()
@@ -414,8 +519,9 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
 
     def assemble(folder):
         torch.manual_seed(recipe.seed)
+        sizes = {**OTTER_SIZES, "max_num_frames": FRAMES} if recipe.varied else OTTER_SIZES
         model, processor = from_parts(clip_dir / "vision", lm_dir / "lm", lm_dir / "tokenizer",
-                                      recipe.cross_attn_every_n_layers, **OTTER_SIZES)
+                                      recipe.cross_attn_every_n_layers, **sizes)
         # Flamingo's gates start at 0 so that a large pretrained LM is untouched at step 0; but a gate at 0 also
         # blocks every gradient to its block, and at this scale the gates then stay shut (measured: after 600
         # pretraining steps every |gate| < 0.04 and the captions ignore the image). Opened, they learn at once.
@@ -431,21 +537,30 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
     pretrained = stages.run("pretrain", lambda folder: train(TrainingConfig(
         model=str(initial), data=web, out=str(folder), objective="pretraining",
         max_steps=recipe.scaled("pretrain_steps"), batch_size=recipe.pretrain_batch, lr=recipe.pretrain_lr,
-        warmup_steps=50, seed=recipe.seed, num_workers=1, save_every=10**9, precision="fp32",
+        warmup_steps=50, seed=recipe.seed, num_workers=1, save_every=10**9, precision=recipe.precision,
+        full=recipe.train_vision,
         augment=False,  # OpenFlamingo's random flips would swap the captions' left and right and object order
         web=WebDataOptions(min_image_bytes=0, single_image_keep_prob=1.0, shuffle_buffer=500),
     )))
-    instructions = str(data_dir / "instructions" / "shapesworld_instructions.json")
+    instructions = sorted(str(path) for path in (data_dir / "instructions").glob("*_instructions.json"))
     finetuned = stages.run("finetune", lambda folder: train(TrainingConfig(
-        model=str(pretrained), data=[instructions], out=str(folder), objective="instruction",
+        model=str(pretrained), data=instructions, out=str(folder), objective="instruction",
         max_steps=recipe.scaled("finetune_steps"), batch_size=recipe.finetune_batch, lr=recipe.finetune_lr,
-        warmup_steps=50, full=True, freeze_vision=True, seed=recipe.seed, num_workers=1, save_every=10**9,
-        precision="fp32",
+        warmup_steps=50, full=True, freeze_vision=not recipe.train_vision, seed=recipe.seed, num_workers=1,
+        save_every=10**9, precision=recipe.precision,
+        **({"video_sets": [VIDEO_SET], "resample_frames": FRAMES} if recipe.varied else {}),
     )))
     model_dir = stages.run("model", lambda folder: export_model(finetuned, folder))
-    eval_data = stages.run("eval_data", lambda folder: write_eval_sets(
-        folder, seed=EVAL_SEED, count=recipe.scaled("eval_count"), shots=max(max(s) for s in EVAL_SHOTS.values())))
-    stages.run("eval", lambda folder: evaluate_model(model_dir, eval_data, folder))
+    if recipe.varied:
+        rows = eval_rows()
+        eval_data = stages.run("eval_data", lambda folder: write_varied_eval_sets(folder, rows,
+                                                                                  recipe.scaled("eval_count")))
+        stages.run("eval", lambda folder: evaluate_varied(model_dir, eval_data, folder, rows))
+    else:
+        eval_data = stages.run("eval_data", lambda folder: write_eval_sets(
+            folder, seed=EVAL_SEED, count=recipe.scaled("eval_count"),
+            shots=max(max(s) for s in EVAL_SHOTS.values())))
+        stages.run("eval", lambda folder: evaluate_model(model_dir, eval_data, folder))
     (out / "timings.json").write_text(json.dumps(stages.timings, indent=1))
     results = (out / "eval" / "results.md").read_text(encoding="utf-8")
     shipped_model_card(model_dir, recipe, results, sum(stages.timings.values()) / 60).save(model_dir / "README.md")
@@ -472,19 +587,105 @@ def export_model(source: Path, folder: Path) -> None:
     OtterProcessor.from_pretrained(source).save_pretrained(folder)
 
 
-def evaluate_model(model_dir: Path, data_dir: Path, folder: Path) -> None:
-    """`otter eval` of the exported model, in float32 as on a CPU, on every ShapesWorld task; `results.md` sums up."""
+def _load_for_eval(model_dir: Path):
     from otter import OtterForConditionalGeneration, OtterProcessor
-    from otter.eval.evaluator import evaluate
 
     model = OtterForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = OtterProcessor.from_pretrained(model_dir)
+    return model, OtterProcessor.from_pretrained(model_dir)
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, folder: Path) -> None:
+    """`otter eval` of the exported model, in float32 as on a CPU, on every ShapesWorld task; `results.md` sums up."""
+    from otter.eval.evaluator import evaluate
+
+    model, processor = _load_for_eval(model_dir)
     rows = ["| task | shots | metric | score |", "|---|---:|---|---:|"]
     for task, shots in EVAL_SHOTS.items():
         report = evaluate(model, processor, task, data_dir, folder / f"{task}.json", shots=shots, batch_size=16)
         rows += [f"| {task} | {result['shots']} | {report['metric']} | {result['mean']:.1f} |"
                  for result in report["results"]]
     (folder / "results.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One held-out set of a varied run: its folder `name`, `kind` and `write_set` options, and what it is scored by."""
+
+    name: str
+    kind: str
+    tasks: tuple  # ((task, shots), ...)
+    split: str  # what the set holds, in words, for results.md
+    options: tuple = ()  # write_set options as (name, value) pairs
+
+    @property
+    def shots(self) -> int:
+        return max(max(shots) for _, shots in self.tasks)
+
+
+HELD_OUT = "held-out positions, sizes, shades, backgrounds, rotations, outlines"
+
+
+def eval_rows(seed: int = EVAL_SEED) -> list[EvalRow]:
+    """The sets a varied run is measured on, all drawn from held-out bands and cells with `seed`."""
+    def words(form):
+        return tuple(nonce_words(200, seed, held_out=True, form=form))
+
+    binding = (("shapesworld_binding_generation", (4,)), ("shapesworld_binding", (0,)))
+    rows = [
+        EvalRow("vqa", "vqa", (("shapesworld_vqa", (0, 4)),), HELD_OUT),
+        EvalRow("count_small", "vqa", (("shapesworld_vqa", (0,)),), "one shape of the smallest size, counted",
+                (("vqa_kinds", ("count",)), ("objects", 1), ("radius", SIZE.low))),
+    ]
+    rows += [EvalRow(f"binding_{form.replace('..', '')}", "binding", binding,
+                     f"2-way, held-out {form} words of 1-4 syllables", (("words", words(form)),))
+             for form in WORD_FORMS]
+    rows += [
+        EvalRow("binding_real_words", "binding", binding, "2-way, named by shape names against their meaning",
+                (("words", SHAPES),)),
+        EvalRow("binding_5way", "binding", (("shapesworld_binding_generation", (10,)), ("shapesworld_binding", (0,))),
+                "5-way, 2 demonstrations per class, held-out words of every form",
+                (("ways", 5), ("words", words("any")))),
+        EvalRow("comparison", "comparison", (("shapesworld_comparison", (0, 2)),), HELD_OUT),
+        EvalRow("video", "video", (("shapesworld_video", (0,)),), "clips: motion, colour change, appear or vanish"),
+        EvalRow("naming", "naming", (("shapesworld_naming_generation", (4,)), ("shapesworld_naming", (0,))),
+                "2-way motions named by held-out words", (("words", words("any")),)),
+    ]
+    return rows
+
+
+def write_varied_eval_sets(folder: Path, rows: list[EvalRow], count: int) -> Path:
+    """Each row's set in `folder/<row>`, and the shipped model's sets (`write_eval_sets`) in `folder/v1`."""
+    from otter.eval.shapesworld import write_eval_sets, write_set
+
+    for row in rows:
+        options = {name: list(value) if isinstance(value, tuple) and name == "words" else value
+                   for name, value in row.options}
+        write_set(folder / row.name, row.kind, seed=EVAL_SEED, count=count, shots=row.shots, **options)
+    write_eval_sets(folder / "v1", seed=EVAL_SEED, count=count, shots=max(max(s) for s in EVAL_SHOTS.values()))
+    return folder
+
+
+def evaluate_varied(model_dir: Path, data_dir: Path, folder: Path, rows: list[EvalRow]) -> None:
+    """
+    `otter eval` on every row's set and on the shipped model's sets; `results.md`: one line per set, task and shot
+    count, and one per question kind of the VQA and video sets.
+    """
+    from otter.eval.evaluator import evaluate
+
+    model, processor = _load_for_eval(model_dir)
+    lines = ["| set | held out | task | shots | metric | score |", "|---|---|---|---:|---|---:|"]
+    todo = [(row.name, row.split, task, shots) for row in rows for task, shots in row.tasks]
+    todo += [("v1", "the shipped model's sets", task, shots) for task, shots in EVAL_SHOTS.items()]
+    for name, split, task, shots in todo:
+        report = evaluate(model, processor, task, data_dir / name, folder / name / f"{task}.json", shots=list(shots),
+                          batch_size=16)
+        for result in report["results"]:
+            lines.append(f"| {name} | {split} | {task} | {result['shots']} | {report['metric']} | "
+                         f"{result['mean']:.1f} |")
+            for group, score in result.get("groups", {}).items():
+                lines.append(f"| {name}: {group} | {split} | {task} | {result['shots']} | {report['metric']} | "
+                             f"{score:.1f} |")
+    (folder / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 SHIPPED_USAGE = """import otter  # registers Otter with transformers' Auto classes (pip install otter-flamingo)
