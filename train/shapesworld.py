@@ -110,8 +110,8 @@ class Recipe:
 
 
 # the varied world's recipe (`otter train shapesworld --varied`)
-VARIED_RECIPE = Recipe(varied=True, precision="bf16", train_vision=True, instruction_examples=32_000,
-                       clip_batch=128, pretrain_steps=2000, finetune_steps=2000, lm_steps=300)
+VARIED_RECIPE = Recipe(varied=True, precision="bf16", train_vision=True, clip_steps=600, clip_batch=128, lm_steps=300,
+                       pretrain_steps=2000, instruction_examples=24_000, finetune_steps=1500)
 
 OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, perceiver_num_latents=16,
                    perceiver_ff_mult=2, cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
@@ -433,7 +433,8 @@ def train_language_model(folder: Path, corpus: Path, tokenizer, recipe: Recipe) 
     model.train()
     for step in range(steps):
         batch = data[torch.randint(len(data), (recipe.lm_batch,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
+        with _autocast(recipe):
+            loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
