@@ -13,12 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat import DTYPE_HELP, DTYPES, add_placement_options
-from .shapesworld import BINDING_INSTRUCTION, VQA_KINDS, ShapesWorld, describe, nonce_words, render
+from .shapesworld import (
+    BINDING_INSTRUCTION,
+    MOTION_INSTRUCTION,
+    VQA_KINDS,
+    ShapesWorld,
+    describe,
+    describe_clip,
+    nonce_words,
+    render,
+)
 
 
 @dataclass
 class Episode:
-    """One few-shot prompt: demonstrations (scenes, instruction, answer), then the query; filled in by `run`."""
+    """
+    One few-shot prompt: demonstrations (turns of "scenes" or "clips", an instruction and an answer), then the query;
+    filled in by `run`.
+    """
 
     task: str
     shots: int
@@ -33,14 +45,15 @@ class Episode:
         return self.answer.strip().lower() == self.query["answer"].strip().lower()
 
 
-def episodes(seed: int, count: int, shots: int) -> list[Episode]:
+def episodes(seed: int, count: int, shots: int, varied: bool = False) -> list[Episode]:
     """
     `count` episodes of each kind, drawn from `ShapesWorld(seed)`: fast binding with held-out nonce words (each
     query asked with no demonstrations, then with `shots`), VQA (2 demonstrations, query kinds in turn) and
-    two-image comparisons (1 demonstration).
+    two-image comparisons (1 demonstration). `varied` draws them from the varied world's held-out split, with words
+    of every form, and adds video episodes: questions on clips (0-shot) and motions named in context (`shots`).
     """
-    world = ShapesWorld(seed)
-    words = nonce_words(200, seed, held_out=True)
+    world = ShapesWorld(seed, varied=varied, held_out=varied)
+    words = nonce_words(200, seed, held_out=True, form="any" if varied else None)
     result = []
     for _ in range(count):
         episode = world.binding_episode(shots, words=words, ways=2)
@@ -57,24 +70,44 @@ def episodes(seed: int, count: int, shots: int) -> list[Episode]:
         turns = [{"scenes": list(record["scenes"]), "instruction": record["question"], "answer": record["answer"]}
                  for record in (world.comparison(), world.comparison())]
         result.append(Episode("comparison", 1, turns[:-1], turns[-1]))
+    if varied:
+        for index in range(count):
+            clip = world.clip(("motion", "colour change", "appear or vanish")[index % 3])
+            result.append(Episode("video", 0, [], {"clips": [clip["frames"]], "instruction": clip["question"],
+                                                   "answer": clip["answer"]}))
+        for _ in range(count):
+            episode = world.motion_naming_episode(shots, words=words, ways=2)
+            turns = [{"clips": [turn["frames"]], "instruction": MOTION_INSTRUCTION, "answer": turn["answer"]}
+                     for turn in [*episode["demos"], episode["query"]]]
+            result.append(Episode("motion naming", shots, turns[:-1], turns[-1]))
     return result
+
+
+def _media(turn: dict) -> list:
+    """A turn's images, then its clips as `Video`s of their rendered frames."""
+    from .processing_otter import Video
+
+    return ([render(scene) for scene in turn.get("scenes", [])]
+            + [Video([render(scene) for scene in frames]) for frames in turn.get("clips", [])])
 
 
 def run(model, processor, episode: Episode, max_new_tokens: int) -> None:
     """Prompt the model with the episode in the chat format it was trained on; greedy answer."""
     from .chat import ChatTurn, answer, chat_prompt
 
-    history = [ChatTurn(turn["instruction"], [render(scene) for scene in turn["scenes"]], turn["answer"])
-               for turn in episode.demos]
-    query_images = [render(scene) for scene in episode.query["scenes"]]
-    episode.prompt = chat_prompt(history, episode.query["instruction"], len(query_images))
+    history = [ChatTurn(turn["instruction"], _media(turn), turn["answer"]) for turn in episode.demos]
+    query_images = _media(episode.query)
+    episode.prompt = chat_prompt(history, episode.query["instruction"], query_images)
     episode.images = [image for turn in history for image in turn.images] + query_images
     episode.answer = answer(model, processor, episode.prompt, episode.images, max_new_tokens=max_new_tokens,
                             do_sample=False)
 
 
-def _scenes(episode: Episode) -> list:
-    return [scene for turn in [*episode.demos, episode.query] for scene in turn["scenes"]]
+def _descriptions(episode: Episode) -> list[str]:
+    """What each medium of the episode shows, in order."""
+    return [text for turn in [*episode.demos, episode.query]
+            for text in [describe(scene) for scene in turn.get("scenes", [])]
+            + [describe_clip(frames) for frames in turn.get("clips", [])]]
 
 
 def _data_uri(image) -> str:
@@ -83,12 +116,22 @@ def _data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _html_medium(medium, text: str) -> str:
+    """An image, or a video's frames side by side in a box."""
+    from .processing_otter import Video
+
+    if isinstance(medium, Video):
+        frames = "".join(f'<img src="{_data_uri(frame)}">' for frame in medium.frames)
+        return f'<span class="video" title="{html.escape(text)}">{frames}</span>'
+    return f'<img src="{_data_uri(medium)}" title="{html.escape(text)}">'
+
+
 def write_html(path: Path, episodes: list[Episode], summary: list[str], model_path: str) -> None:
     """One row per episode: its images (demonstrations, then the query), the prompt, the answer and the target."""
     rows = []
     for episode in episodes:
-        images = "".join(f'<img src="{_data_uri(image)}" title="{html.escape(describe(scene))}">'
-                         for image, scene in zip(episode.images, _scenes(episode)))
+        images = "".join(_html_medium(medium, text)
+                         for medium, text in zip(episode.images, _descriptions(episode)))
         mark = "&#10004;" if episode.correct else "&#10008;"
         rows.append(
             f'<tr class="{"ok" if episode.correct else "bad"}"><td>{html.escape(episode.task)}<br>{episode.shots}-shot'
@@ -102,6 +145,7 @@ body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: colla
 td {{ border: 1px solid #ccc; padding: 6px; vertical-align: top; }} pre {{ white-space: pre-wrap; max-width: 40em; }}
 img {{ width: 64px; height: 64px; margin: 2px; border: 1px solid #ddd; image-rendering: pixelated; }}
 .images {{ max-width: 380px; }} .ok b {{ color: #176f2c; }} .bad b {{ color: #b00020; }}
+.video {{ display: inline-block; border: 2px solid #888; margin: 2px; }}
 </style></head><body><h1>otter demo</h1><p>model: {html.escape(model_path)}</p><ul>{items}</ul>
 <table><tr><th>task</th><th>images (demonstrations, then the query)</th><th>prompt</th><th>answer</th></tr>
 {''.join(rows)}</table></body></html>
@@ -122,7 +166,7 @@ def main(args) -> None:
     todo = episodes(args.seed, args.episodes, args.shots)
     for number, episode in enumerate(todo, 1):
         run(model, processor, episode, args.max_new_tokens)
-        images = "; ".join(f"<image> {i + 1}: {describe(scene)}" for i, scene in enumerate(_scenes(episode)))
+        images = "; ".join(f"{i + 1}: {text}" for i, text in enumerate(_descriptions(episode)))
         print(f"--- episode {number}: {episode.task}, {episode.shots}-shot ({images})")
         print(episode.prompt)
         print(f"answer: {episode.answer!r}   expected: {episode.query['answer']!r}   "
