@@ -63,6 +63,8 @@ CLIP_NAME = "shapesworld-vit"
 # on held-out images; zero-shot shape retrieval 24.5%); with one-shape images 85% of the time: 50%, 81% and 57%.
 # Neither batches of captions made distinct (46%, 80%, 43%) nor a quarter of each batch in groups of 4 images that
 # differ only in their shape (47%, 86%, 44.5%) did better.
+# What it needs is steps: on 24 000 images, zero-shot shape retrieval was 62.5% after 500 steps of a 2000-step run,
+# 86% after 1000, 92% after 1500.
 CLIP_ONE_SHAPE_SHARE = 0.85
 
 
@@ -115,8 +117,8 @@ class Recipe:
 
 
 # the varied world's recipe (`otter train shapesworld --varied`)
-VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_steps=1000, clip_batch=128, lm_steps=300,
-                       pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
+VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_images=24_000, clip_steps=1200, clip_batch=128,
+                       lm_steps=300, pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
 
 OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, perceiver_num_latents=16,
                    perceiver_ff_mult=2, cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
