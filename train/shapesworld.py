@@ -669,9 +669,7 @@ def write_varied_eval_sets(folder: Path, rows: list[EvalRow], count: int) -> Pat
     from otter.eval.shapesworld import write_eval_sets, write_set
 
     for row in rows:
-        options = {name: list(value) if isinstance(value, tuple) and name == "words" else value
-                   for name, value in row.options}
-        write_set(folder / row.name, row.kind, seed=EVAL_SEED, count=count, shots=row.shots, **options)
+        write_set(folder / row.name, row.kind, seed=EVAL_SEED, count=count, shots=row.shots, **dict(row.options))
     write_eval_sets(folder / "v1", seed=EVAL_SEED, count=count, shots=max(max(s) for s in EVAL_SHOTS.values()))
     return folder
 
