@@ -117,8 +117,8 @@ class Recipe:
 
 
 # the varied world's recipe (`otter train shapesworld --varied`)
-VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_images=24_000, clip_steps=1200, clip_batch=128,
-                       lm_steps=300, pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
+VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_images=24_000, clip_steps=1500, clip_batch=128,
+                       lm_steps=1000, pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
 
 OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, perceiver_num_latents=16,
                    perceiver_ff_mult=2, cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
