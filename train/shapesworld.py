@@ -117,6 +117,7 @@ class Recipe:
 
 
 # the varied world's recipe (`otter train shapesworld --varied`)
+# (its LM needs ~1000 steps to learn to copy a word from the context, which binding builds on: train/README)
 VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_images=24_000, clip_steps=1500, clip_batch=128,
                        lm_steps=1000, pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
 
