@@ -89,3 +89,24 @@ def test_varied_training_data_holds_video_episodes_of_clips_and_binding_of_many_
     write_text_corpus(tmp_path / "text.txt", recipe, words)
     corpus = (tmp_path / "text.txt").read_text()
     assert re.search(r"Video: an? \w+ \w+ moving (left|right|up|down)\. User: (Which way|What is this motion)", corpus)
+
+
+def test_the_varied_clip_trains_the_patch_tokens_otter_reads_and_stays_a_plain_open_clip(tmp_path):
+    import dataclasses
+
+    import open_clip
+
+    from otter.train.shapesworld import CLIP_CONFIG, VARIED_RECIPE, train_clip
+
+    assert VARIED_RECIPE.clip_patch_loss
+    trained = {}
+    for patch_loss in (False, True):
+        recipe = dataclasses.replace(VARIED_RECIPE, scale=0.002, clip_patch_loss=patch_loss, precision="fp32")
+        _, weights = train_clip(tmp_path / str(patch_loss), recipe)
+        trained[patch_loss] = torch.load(weights, weights_only=True)
+    # the same keys and shapes as open_clip's own model: the converter and every CLIP loader read it as before
+    plain = open_clip.model.CLIP(**CLIP_CONFIG).state_dict()
+    assert {k: v.shape for k, v in trained[True].items()} == {k: v.shape for k, v in plain.items()}
+    # the patch term changes what the last layer learns (its class-token-only gradient differs from it)
+    last = "visual.transformer.resblocks.3.mlp.c_proj.weight"
+    assert not torch.allclose(trained[False][last], trained[True][last])

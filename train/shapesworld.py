@@ -86,6 +86,7 @@ class Recipe:
     clip_steps: int = 1000
     clip_batch: int = 256
     clip_lr: float = 1e-3
+    clip_patch_loss: bool = False  # a second contrastive term on the mean of CLIP's patch tokens (see train_clip)
     # tokenizer and LM: MPT 4 x 192
     vocab_size: int = 512
     lm_width: int = 192
@@ -119,7 +120,7 @@ class Recipe:
 # the varied world's recipe (`otter train shapesworld --varied`)
 # (its LM needs ~1000 steps to learn to copy a word from the context, which binding builds on: train/README)
 VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_images=24_000, clip_steps=1500, clip_batch=128,
-                       lm_steps=1000, pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
+                       clip_patch_loss=True, lm_steps=1000, pretrain_steps=1500, instruction_examples=22_400, finetune_steps=1400)
 
 OTTER_SIZES = dict(perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=32, perceiver_num_latents=16,
                    perceiver_ff_mult=2, cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
@@ -349,6 +350,9 @@ def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
 
     torch.manual_seed(recipe.seed)
     model = open_clip.model.CLIP(**CLIP_CONFIG)
+    # CLIP's loss reads the class token only, so the last layer's patch tokens, which Otter's perceiver reads, learn
+    # nothing from it directly. `clip_patch_loss` adds the same loss on their mean, projected as the class token is.
+    model.visual.output_tokens = recipe.clip_patch_loss
     loss_fn = ClipLoss()
     steps = recipe.scaled("clip_steps")
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.1)
@@ -359,8 +363,15 @@ def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
         batch = torch.randint(count, (recipe.clip_batch,), generator=generator)
         images = (pixels[batch].permute(0, 3, 1, 2).float() / 255 - mean) / std
         with _autocast(recipe):
-            image_features, text_features, logit_scale = model(images, texts[batch])
-        loss = loss_fn(image_features.float(), text_features.float(), logit_scale)
+            if recipe.clip_patch_loss:
+                pooled, tokens = model.visual(images)
+                features = [pooled, tokens.mean(1) @ model.visual.proj]
+                text_features, logit_scale = model.encode_text(texts[batch], normalize=True), model.logit_scale.exp()
+            else:
+                image_features, text_features, logit_scale = model(images, texts[batch])
+                features = [image_features]
+        loss = sum(loss_fn(torch.nn.functional.normalize(f.float(), dim=-1), text_features.float(), logit_scale)
+                   for f in features) / len(features)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
