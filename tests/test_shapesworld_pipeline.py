@@ -110,3 +110,23 @@ def test_the_varied_clip_trains_the_patch_tokens_otter_reads_and_stays_a_plain_o
     # the patch term changes what the last layer learns (its class-token-only gradient differs from it)
     last = "visual.transformer.resblocks.3.mlp.c_proj.weight"
     assert not torch.allclose(trained[False][last], trained[True][last])
+
+
+def test_the_comparisons_stage_reads_two_image_comparisons_only_and_one_per_example(tmp_path):
+    import dataclasses
+
+    from otter.train.data import instruction_source
+    from otter.train.shapesworld import COMPARISON_SET, VARIED_RECIPE, write_comparison_set
+
+    recipe = dataclasses.replace(VARIED_RECIPE, scale=0.01)
+    path = write_comparison_set(tmp_path, recipe)
+    assert path.name == f"{COMPARISON_SET}_instructions.json"
+    source = instruction_source(str(path))
+    assert len(source) == recipe.scaled("comparison_steps") * recipe.finetune_batch
+    turns = set()
+    for index in range(len(source)):
+        example = source.example(index)
+        assert len(example.images) == 2 * example.text.count("What are the two shapes?")
+        assert example.text.count("The first one is a") == example.text.count("<|endofchunk|>")
+        turns.add(example.text.count("What are the two shapes?"))
+    assert turns == {1, 2, 3}
