@@ -370,8 +370,8 @@ def train_clip(folder: Path, recipe: Recipe) -> tuple[Path, Path]:
 
     torch.manual_seed(recipe.seed)
     model = open_clip.model.CLIP(**CLIP_CONFIG)
-    # CLIP's loss reads the class token only, so the last layer's patch tokens, which Otter's perceiver reads, learn
-    # nothing from it directly. `clip_patch_loss` adds the same loss on their mean, projected as the class token is.
+    # CLIP's loss reads the class token only: the last layer's patch tokens, which Otter's perceiver reads, get no
+    # gradient of their own. `clip_patch_loss` adds the same loss on their mean, projected as the class token is.
     model.visual.output_tokens = recipe.clip_patch_loss
     loss_fn = ClipLoss()
     steps = recipe.scaled("clip_steps")
