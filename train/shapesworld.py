@@ -587,22 +587,22 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
         augment=False,  # OpenFlamingo's random flips would swap the captions' left and right and object order
         web=WebDataOptions(min_image_bytes=0, single_image_keep_prob=1.0, shuffle_buffer=500),
     )))
+
+    def instruction_tuning(model, data: list[str], steps: str, warmup: int, **options):
+        """A stage of instruction tuning of everything but CLIP, `steps` naming the recipe's step count."""
+        return lambda folder: train(TrainingConfig(
+            model=str(model), data=data, out=str(folder), objective="instruction", max_steps=recipe.scaled(steps),
+            batch_size=recipe.finetune_batch, lr=recipe.finetune_lr, warmup_steps=warmup, full=True,
+            freeze_vision=True, seed=recipe.seed, num_workers=1, save_every=10**9, precision=recipe.precision,
+            **options))
+
+    tuned = pretrained
     if recipe.comparison_steps:
-        tuned = stages.run("comparisons", lambda folder: train(TrainingConfig(
-            model=str(pretrained), data=[str(data_dir / "comparisons" / f"{COMPARISON_SET}_instructions.json")],
-            out=str(folder), objective="instruction", max_steps=recipe.scaled("comparison_steps"),
-            batch_size=recipe.finetune_batch, lr=recipe.finetune_lr, warmup_steps=30, full=True, freeze_vision=True,
-            seed=recipe.seed, num_workers=1, save_every=10**9, precision=recipe.precision)))
-    else:
-        tuned = pretrained
+        comparisons = [str(data_dir / "comparisons" / f"{COMPARISON_SET}_instructions.json")]
+        tuned = stages.run("comparisons", instruction_tuning(pretrained, comparisons, "comparison_steps", 30))
     instructions = sorted(str(path) for path in (data_dir / "instructions").glob("*_instructions.json"))
-    finetuned = stages.run("finetune", lambda folder: train(TrainingConfig(
-        model=str(tuned), data=instructions, out=str(folder), objective="instruction",
-        max_steps=recipe.scaled("finetune_steps"), batch_size=recipe.finetune_batch, lr=recipe.finetune_lr,
-        warmup_steps=50, full=True, freeze_vision=True, seed=recipe.seed, num_workers=1,
-        save_every=10**9, precision=recipe.precision,
-        **({"video_sets": [VIDEO_SET], "resample_frames": FRAMES} if recipe.varied else {}),
-    )))
+    videos = {"video_sets": [VIDEO_SET], "resample_frames": FRAMES} if recipe.varied else {}
+    finetuned = stages.run("finetune", instruction_tuning(tuned, instructions, "finetune_steps", 50, **videos))
     model_dir = stages.run("model", lambda folder: export_model(finetuned, folder))
     if recipe.varied:
         rows = eval_rows()
