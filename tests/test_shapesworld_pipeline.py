@@ -130,3 +130,28 @@ def test_the_comparisons_stage_reads_two_image_comparisons_only_and_one_per_exam
         assert example.text.count("The first one is a") == example.text.count("<|endofchunk|>")
         turns.add(example.text.count("What are the two shapes?"))
     assert turns == {1, 2, 3}
+
+
+def test_the_skills_stage_reads_position_questions_on_images_and_direction_questions_on_clips(tmp_path):
+    import dataclasses
+
+    from otter.shapesworld import CLIP_QUESTIONS, DIRECTIONS, FRAMES, QUESTIONS, REGIONS
+    from otter.train.data import instruction_source
+    from otter.train.shapesworld import SKILL_SET, VARIED_RECIPE, VIDEO_SET, write_skill_set
+
+    recipe = dataclasses.replace(VARIED_RECIPE, scale=0.01)
+    paths = write_skill_set(tmp_path, recipe)
+    assert [path.name for path in paths] == [f"{SKILL_SET}_instructions.json", f"{VIDEO_SET}_instructions.json"]
+    images, clips = (instruction_source(str(path), resample_frames=FRAMES, video_sets=[VIDEO_SET]) for path in paths)
+    assert len(images) + len(clips) == recipe.scaled("skill_steps") * recipe.finetune_batch
+    assert len(images) == len(clips)
+    for source, question, answers in ((images, QUESTIONS["position"], REGIONS),
+                                      (clips, CLIP_QUESTIONS["motion"], DIRECTIONS)):
+        for index in range(len(source)):
+            example = source.example(index)
+            turns = example.text.split("<|endofchunk|>")[:-1]
+            assert 1 <= len(turns) <= 3 and all(question in turn for turn in turns)
+            assert all(turn.rsplit("<answer>", 1)[1].strip() in answers for turn in turns)
+            media = example.videos if source is clips else example.images
+            assert len(media) == len(turns)
+            assert all(len(frames) == FRAMES for frames in example.videos)
