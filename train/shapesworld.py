@@ -12,8 +12,8 @@ Reproduces the Otter model the package ships, from nothing, with the project's o
    on the text corpus (scenes described in words, questions, answers, comparisons, nonce-word episodes).
 4. `pretrain/`: the perceiver and gated cross-attention trained on the web shards with both backbones frozen
    (`otter train pretrain`).
-   The varied recipe then runs `skills/` and `comparisons/`: instruction tuning on position and motion questions
-   alone (`skill_steps`), then on comparison episodes alone (`comparison_steps`).
+   The varied recipe then runs `comparisons/` and `skills/`: instruction tuning on comparison episodes alone
+   (`comparison_steps`), then on position and motion questions alone (`skill_steps`).
 5. `finetune/`: instruction tuning of the whole model but CLIP on the MIMIC-IT set (`otter train finetune --full
    --freeze-vision`).
 6. `model/`: the result rounded to fp16, in float32 safetensors, with its model card (what the package ships as
@@ -124,7 +124,7 @@ class Recipe:
 # the varied world's recipe (`otter train shapesworld --varied`)
 # (its LM needs ~1000 steps to learn to copy a word from the context, which binding builds on: train/README)
 VARIED_RECIPE = Recipe(varied=True, precision="bf16", clip_images=24_000, clip_steps=1500, clip_batch=128,
-                       clip_patch_loss=True, lm_steps=800, pretrain_steps=1500, instruction_examples=22_400,
+                       clip_patch_loss=True, lm_steps=1000, pretrain_steps=1500, instruction_examples=22_400,
                        finetune_steps=1250, skill_steps=300, comparison_steps=300)
 COMPARISON_SET = "shapesworld_comparison"  # the MIMIC-IT set of the `comparisons` stage
 SKILL_SET = "shapesworld_skills"  # the image set of the `skills` stage (its clips: VIDEO_SET in the same folder)
@@ -628,12 +628,12 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
 
     tuned = pretrained
     videos = {"video_sets": [VIDEO_SET], "resample_frames": FRAMES} if recipe.varied else {}
-    if recipe.skill_steps:
-        skills = sorted(str(path) for path in (data_dir / "skills").glob("*_instructions.json"))
-        tuned = stages.run("skills", instruction_tuning(tuned, skills, "skill_steps", 30, **videos))
     if recipe.comparison_steps:
         comparisons = [str(data_dir / "comparisons" / f"{COMPARISON_SET}_instructions.json")]
         tuned = stages.run("comparisons", instruction_tuning(tuned, comparisons, "comparison_steps", 30))
+    if recipe.skill_steps:
+        skills = sorted(str(path) for path in (data_dir / "skills").glob("*_instructions.json"))
+        tuned = stages.run("skills", instruction_tuning(tuned, skills, "skill_steps", 30, **videos))
     instructions = sorted(str(path) for path in (data_dir / "instructions").glob("*_instructions.json"))
     finetuned = stages.run("finetune", instruction_tuning(tuned, instructions, "finetune_steps", 50, **videos))
     model_dir = stages.run("model", lambda folder: export_model(finetuned, folder))
