@@ -105,8 +105,8 @@ class Recipe:
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
     finetune_steps: int = 2400
-    skill_steps: int = 0  # instruction tuning on position and motion questions alone, before the mixture (`skills`)
     comparison_steps: int = 0  # instruction tuning on comparison episodes alone, before the mixture (`comparisons`)
+    skill_steps: int = 0  # then on position and motion questions alone, before the mixture (`skills`)
     finetune_batch: int = 16
     finetune_lr: float = 5e-4
     # the world: `varied` draws ShapesWorld's varied scenes (every axis of variation, held-out bands kept for the
