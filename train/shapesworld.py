@@ -165,13 +165,19 @@ def _turns(world: ShapesWorld, words: list[str], real_word_share: float = 0.0) -
     for _ in range(count if kind != "caption" else 1 + (rng.random() < 0.3)):
         if kind == "vqa":
             record = world.vqa(rng.choices(VQA_KINDS, weights=VQA_KIND_WEIGHTS)[0])
-            turns.append({"scenes": [record["scene"]], "instruction": record["question"], "answer": record["answer"]})
+            turns.append(_question_turn(record))
         elif kind == "caption":
             scene = world.caption()["scene"]
             turns.append({"scenes": [scene], "instruction": CAPTION_INSTRUCTION, "answer": describe(scene) + "."})
         else:
             turns.append(_comparison_turn(world))
     return turns[:3] if kind == "comparison" else turns
+
+
+def _question_turn(record: dict) -> dict:
+    """A turn asking a `ShapesWorld.vqa` record's question on its scene, or a `clip` record's on its frames."""
+    media = {"clips": [record["frames"]]} if "frames" in record else {"scenes": [record["scene"]]}
+    return {**media, "instruction": record["question"], "answer": record["answer"]}
 
 
 def _comparison_turn(world: ShapesWorld) -> dict:
@@ -191,7 +197,7 @@ def _video_turns(world: ShapesWorld, words: list[str]) -> list[dict]:
         return [{"clips": [turn["frames"]], "instruction": MOTION_INSTRUCTION, "answer": turn["answer"]}
                 for turn in [*episode["demos"], episode["query"]]]
     clips = [world.clip() for _ in range(rng.randint(1, 4))]
-    return [{"clips": [clip["frames"]], "instruction": clip["question"], "answer": clip["answer"]} for clip in clips]
+    return [_question_turn(clip) for clip in clips]
 
 
 def _episodes(world: ShapesWorld, words: list[str], count: int, recipe: Recipe) -> list[list[dict]]:
@@ -353,13 +359,9 @@ def write_skill_set(folder: Path, recipe: Recipe) -> list[Path]:
     for index in range(recipe.scaled("skill_steps") * recipe.finetune_batch):
         turns = world.rng.randint(1, 3)
         if index % 2 == 0:
-            records = [world.vqa("position") for _ in range(turns)]
-            positions.append([{"scenes": [record["scene"]], "instruction": record["question"],
-                               "answer": record["answer"]} for record in records])
+            positions.append([_question_turn(world.vqa("position")) for _ in range(turns)])
         else:
-            clips = [world.clip("motion") for _ in range(turns)]
-            motions.append([{"clips": [clip["frames"]], "instruction": clip["question"], "answer": clip["answer"]}
-                            for clip in clips])
+            motions.append([_question_turn(world.clip("motion")) for _ in range(turns)])
     folder.mkdir(parents=True, exist_ok=True)
     return [_write_mimicit_set(folder, SKILL_SET, positions, recipe.seed),
             _write_mimicit_set(folder, VIDEO_SET, motions, recipe.seed)]
@@ -627,14 +629,15 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
             **options))
 
     tuned = pretrained
-    videos = {"video_sets": [VIDEO_SET], "resample_frames": FRAMES} if recipe.varied else {}
+    clips = {"video_sets": [VIDEO_SET], "resample_frames": FRAMES}
     if recipe.comparison_steps:
         comparisons = [str(data_dir / "comparisons" / f"{COMPARISON_SET}_instructions.json")]
         tuned = stages.run("comparisons", instruction_tuning(tuned, comparisons, "comparison_steps", 30))
     if recipe.skill_steps:
         skills = sorted(str(path) for path in (data_dir / "skills").glob("*_instructions.json"))
-        tuned = stages.run("skills", instruction_tuning(tuned, skills, "skill_steps", 30, **videos))
+        tuned = stages.run("skills", instruction_tuning(tuned, skills, "skill_steps", 30, **clips))
     instructions = sorted(str(path) for path in (data_dir / "instructions").glob("*_instructions.json"))
+    videos = clips if recipe.varied else {}  # only a varied world's instruction set has a video set
     finetuned = stages.run("finetune", instruction_tuning(tuned, instructions, "finetune_steps", 50, **videos))
     model_dir = stages.run("model", lambda folder: export_model(finetuned, folder))
     if recipe.varied:
