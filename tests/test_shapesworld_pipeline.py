@@ -1,6 +1,7 @@
 """`otter train shapesworld`: every stage of the shipped model's reproduction, run end to end at a tiny scale."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,10 +9,10 @@ from safetensors import safe_open
 
 from otter import OtterForConditionalGeneration
 from otter.cli import main
-from otter.train.shapesworld import EVAL_SHOTS, Recipe, reproduce
+from otter.train.shapesworld import EVAL_SHOTS, Recipe, Stages, reproduce
 
 SCALE = 0.003
-STAGES = ["data", "clip", "language_model", "assemble", "pretrain", "finetune", "model", "eval_data", "eval"]
+STAGES = ["clip", "data", "text", "language_model", "assemble", "pretrain", "finetune", "model", "eval_data", "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,11 @@ def run(tmp_path_factory):
 
 
 def test_every_stage_runs_and_the_model_is_float32_safetensors_of_fp16_values(run, capsys):
-    assert list(json.loads((run / "timings.json").read_text())) == STAGES
+    timings = json.loads((run / "timings.json").read_text())
+    assert list(timings["stages"]) == STAGES
+    # CLIP and the image sets were made beside the text and the language model
+    side_by_side = min(sum(timings["stages"][stage] for stage in pair) for pair in (STAGES[:2], STAGES[2:4]))
+    assert timings["wall_seconds"] == pytest.approx(sum(timings["stages"].values()) - side_by_side)
     assert all((run / f"{stage}.done.json").is_file() for stage in STAGES)
     assert not list((run / "model").glob("*.done.json")), "the model folder holds only what ships"
     with safe_open(run / "model" / "model.safetensors", "pt") as weights:
@@ -52,6 +57,26 @@ def test_a_rerun_continues_and_another_recipe_is_refused(run, monkeypatch):
     assert json.loads((run / "timings.json").read_text()) == before
     with pytest.raises(ValueError, match="another recipe"):
         reproduce(run, Recipe(scale=SCALE, seed=1))
+
+
+def _write_pid(folder):
+    folder.mkdir()
+    (folder / "pid").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+
+
+def _fail(folder):
+    raise OSError("disk full")
+
+
+def test_stages_side_by_side_run_in_a_second_process_and_its_failure_is_raised(tmp_path):
+    stages = Stages(tmp_path)
+    with pytest.raises(RuntimeError, match=r"\['ours', 'broken'\] failed in their own process"):
+        stages.run_side_by_side([("ours", _write_pid), ("broken", _fail)], [("here", _write_pid)])
+    pid, threads = map(int, (tmp_path / "ours" / "pid").read_text().split())
+    assert pid != os.getpid() and threads == max(1, torch.get_num_threads() // 2)
+    assert (tmp_path / "here" / "pid").read_text().split()[0] == str(os.getpid())
+    assert (tmp_path / "ours.done.json").is_file() and (tmp_path / "here.done.json").is_file()
+    assert not (tmp_path / "broken.done.json").exists(), "a failed stage is not marked done: a rerun makes it again"
 
 
 # -- the varied world's training data (otter train shapesworld --varied) -------------------------------------------
