@@ -30,10 +30,11 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass
@@ -571,24 +572,26 @@ class Stages:
         logger.info("stage %s: %.0f s", name, seconds)
         return folder
 
-    def run_side_by_side(self, background: list[tuple[str, object]], foreground: list[tuple[str, object]]) -> None:
+    def run_side_by_side(self, background: list[str], recipe: Recipe, foreground: list[tuple[str, object]]) -> None:
         """
-        Runs the `background` stages (name, picklable work) in a second process while this one runs `foreground`,
-        each with half the CPU's threads: tiny models train faster side by side than one after the other on every
-        thread (on 2 cores a CLIP step took 0.57 s on 2 threads, 0.93 s on 1 beside the language model's; the
-        language model's 0.88 s and 1.48 s). A failed background stage raises here, after the foreground's.
+        Runs the `background` stages (names of SIDE_STAGES) of `recipe` in a second Python process while this one
+        runs `foreground`, each with half the CPU's threads: tiny models train faster side by side than one after
+        the other on every thread (on 2 cores a CLIP step took 0.57 s on 2 threads, 0.93 s on 1 beside the language
+        model's; the language model's 0.88 s and 1.48 s). A failed background stage raises here, after the
+        foreground's.
         """
-        names = [name for name, _ in background + foreground]
-        pending = [(name, work) for name, work in background if not self.done(name)]
+        names = [*background, *(name for name, _ in foreground)]
+        pending = [name for name in background if not self.done(name)]
         if not pending or all(self.done(name) for name, _ in foreground):
-            for name, work in background + foreground:
+            for name in background:
+                self.run(name, functools.partial(SIDE_STAGES[name], recipe=recipe))
+            for name, work in foreground:
                 self.run(name, work)
         else:
             threads = torch.get_num_threads()
-            process = multiprocessing.get_context("spawn").Process(
-                target=_run_stages, args=(self.out, pending, max(1, threads // 2), logging.getLogger().level),
-                name=f"otter stages {', '.join(name for name, _ in pending)}")
-            process.start()
+            command = [sys.executable, "-m", __spec__.name, str(self.out), json.dumps(asdict(recipe)), *pending,
+                       "--threads", str(max(1, threads // 2)), "--log-level", str(logging.getLogger().level)]
+            process = subprocess.Popen(command)
             torch.set_num_threads(max(1, threads - threads // 2))
             try:
                 for name, work in foreground:
@@ -597,16 +600,17 @@ class Stages:
                 process.terminate()
                 raise
             finally:
-                process.join()
+                process.wait()
                 torch.set_num_threads(threads)
-            if process.exitcode != 0:
-                raise RuntimeError(f"the stages {[name for name, _ in pending]} failed in their own process (exit code "
-                                   f"{process.exitcode}): its error is in the log above; rerun to continue the run")
-            for name, _ in pending:
+            if process.returncode != 0:
+                raise RuntimeError(f"the stages {pending} failed in their own process (exit code "
+                                   f"{process.returncode}): its error is in the log above; rerun to continue the run")
+            for name in pending:
                 self.timings[name] = json.loads((self.out / f"{name}.done.json").read_text())["seconds"]
         self.timings = {**{k: v for k, v in self.timings.items() if k not in names},
                         **{name: self.timings[name] for name in names}}
-        self.overlaps.append(min(sum(self.timings[name] for name, _ in side) for side in (background, foreground)))
+        self.overlaps.append(min(sum(self.timings[name] for name in background),
+                                 sum(self.timings[name] for name, _ in foreground)))
 
     @property
     def wall_seconds(self) -> float:
@@ -614,13 +618,8 @@ class Stages:
         return sum(self.timings.values()) - sum(self.overlaps)
 
 
-def _run_stages(out: Path, stages: list, threads: int, log_level: int) -> None:
-    """The second process of `Stages.run_side_by_side`."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(threads)
-    runner = Stages(out)
-    for name, work in stages:
-        runner.run(name, work)
+# the stages `Stages.run_side_by_side` can run in a second process
+SIDE_STAGES = {"clip": _clip_stage, "data": _data_stage}
 
 
 def reproduce(out, recipe: Recipe | None = None) -> Path:
@@ -654,9 +653,7 @@ def reproduce(out, recipe: Recipe | None = None) -> Path:
         train_language_model(folder / "lm", out / "text" / "text.txt", tokenizer, recipe)
 
     # CLIP and the images in a second process, the text and the language model in this one
-    stages.run_side_by_side([("clip", functools.partial(_clip_stage, recipe=recipe)),
-                             ("data", functools.partial(_data_stage, recipe=recipe))],
-                            [("text", text), ("language_model", language_model)])
+    stages.run_side_by_side(["clip", "data"], recipe, [("text", text), ("language_model", language_model)])
     data_dir, clip_dir, lm_dir = out / "data", out / "clip", out / "language_model"
 
     def assemble(folder):
@@ -900,3 +897,20 @@ def shipped_model_card(model_dir: Path, recipe: Recipe, results: str, minutes: f
         sections={"Training": training, "Results": evaluation},
         tags=["shapesworld"],
     )
+
+
+if __name__ == "__main__":  # the second process of `Stages.run_side_by_side`
+    import argparse
+
+    parser = argparse.ArgumentParser(description="runs stages of a ShapesWorld run (otter train shapesworld)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("recipe", type=json.loads, help="the Recipe's fields, as JSON")
+    parser.add_argument("stages", nargs="+", choices=sorted(SIDE_STAGES))
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--log-level", type=int, default=logging.INFO)
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    runner, stage_recipe = Stages(args.out), Recipe(**args.recipe)
+    for stage in args.stages:
+        runner.run(stage, functools.partial(SIDE_STAGES[stage], recipe=stage_recipe))
