@@ -909,6 +909,7 @@ if __name__ == "__main__":  # the second process of `Stages.run_side_by_side`
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args()
+    logger = logging.getLogger("otter.train.shapesworld")  # not __main__'s
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     runner, stage_recipe = Stages(args.out), Recipe(**args.recipe)
