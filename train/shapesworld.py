@@ -552,14 +552,18 @@ class Stages:
     def __init__(self, out: Path):
         self.out, self.timings, self.overlaps = out, {}, []
 
-    def done(self, name: str) -> bool:
-        return (self.out / f"{name}.done.json").exists()
+    def done(self, name: str) -> Path:
+        """The file a finished stage leaves: its wall time."""
+        return self.out / f"{name}.done.json"
+
+    def recorded_seconds(self, name: str) -> float:
+        return json.loads(self.done(name).read_text())["seconds"]
 
     def run(self, name: str, work) -> Path:
-        folder, done = self.out / name, self.out / f"{name}.done.json"
+        folder, done = self.out / name, self.done(name)
         if done.exists():
             logger.info("stage %s: already done (%s)", name, done)
-            self.timings[name] = json.loads(done.read_text())["seconds"]
+            self.timings[name] = self.recorded_seconds(name)
             return folder
         if folder.exists():
             shutil.rmtree(folder)
@@ -581,8 +585,8 @@ class Stages:
         foreground's.
         """
         names = [*background, *(name for name, _ in foreground)]
-        pending = [name for name in background if not self.done(name)]
-        if not pending or all(self.done(name) for name, _ in foreground):
+        pending = [name for name in background if not self.done(name).exists()]
+        if not pending or all(self.done(name).exists() for name, _ in foreground):
             for name in background:
                 self.run(name, functools.partial(SIDE_STAGES[name], recipe=recipe))
             for name, work in foreground:
@@ -606,7 +610,7 @@ class Stages:
                 raise RuntimeError(f"the stages {pending} failed in their own process (exit code "
                                    f"{process.returncode}): its error is in the log above; rerun to continue the run")
             for name in pending:
-                self.timings[name] = json.loads((self.out / f"{name}.done.json").read_text())["seconds"]
+                self.timings[name] = self.recorded_seconds(name)
         self.timings = {**{k: v for k, v in self.timings.items() if k not in names},
                         **{name: self.timings[name] for name in names}}
         self.overlaps.append(min(sum(self.timings[name] for name in background),
